@@ -1,0 +1,18 @@
+"""grumpy: the Gated Recurrent Unit in NumPy, with backpropagation through time by hand."""
+
+from grumpy.cell import GRUCell, gru_cell_backward, gru_cell_forward
+from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
+from grumpy.layers import GRU, gru_backward, gru_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRU",
+    "GRUCell",
+    "gru_backward",
+    "gru_cell_backward",
+    "gru_cell_forward",
+    "gru_forward",
+    "gru_sequence_backward",
+    "gru_sequence_forward",
+]

@@ -1,0 +1,54 @@
+"""Small shared pieces: stable activations, argument checks, initialisers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def sigmoid(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """σ(a) = 1 / (1 + e^−a), computed as (1 + tanh(a/2)) / 2.
+
+    The identity is exact; the tanh form cannot overflow for any finite input
+    (e^−a does for a < −88 in float32) and costs one transcendental per element.
+    """
+    out = np.multiply(a, 0.5, out=out)
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    return out
+
+
+def check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"dtype: expected numpy.float32 or numpy.float64, got {dtype!r}") from e
+    if dt not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype: expected numpy.float32 or numpy.float64, got {dt}")
+    return dt
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def uniform_init(rng: np.random.Generator, shape: tuple[int, ...], hidden_size: int, dtype: np.dtype) -> np.ndarray:
+    """PyTorch's default for recurrent layers: U(−1/√H, 1/√H)."""
+    k = 1.0 / np.sqrt(hidden_size)
+    return rng.uniform(-k, k, size=shape).astype(dtype)
+
+
+def orthogonal_blocks(rng: np.random.Generator, n_blocks: int, hidden_size: int, dtype: np.dtype) -> np.ndarray:
+    """n_blocks stacked random orthogonal (H, H) matrices: (n_blocks * H, H)."""
+    blocks = []
+    for _ in range(n_blocks):
+        q, r = np.linalg.qr(rng.standard_normal((hidden_size, hidden_size)))
+        # Fixing the signs by diag(r) makes q Haar-distributed rather than biased by QR.
+        blocks.append(q * np.sign(np.diag(r)))
+    return np.concatenate(blocks).astype(dtype)

@@ -1,0 +1,222 @@
+"""Fast GRU kernels: one direction of one layer over a whole sequence.
+
+The arithmetic is that of :mod:`grumpy.cell` (tested against it), arranged for
+speed:
+
+* the input projections of all T steps are one matrix product before the loop;
+* each step does one recurrent product (two for reset_after=False, where the
+  reset gate must act before the product) and the gate math in place, in
+  buffers allocated once per call;
+* the backward pass does one product per step for the state gradient and
+  gets the weight gradients as single products over all steps at the end.
+
+Time is always indexed in the input's order. The states live in one array
+``hs`` of shape (T+1, B, H): for the forward direction ``hs[0]`` is h0 and
+``hs[t+1]`` the state after step t; for the reverse direction ``hs[T]`` is h0
+and ``hs[t]`` the state after step t. Either way the states entering and
+leaving all steps are plain views of ``hs``, so no per-step copies are needed.
+
+``mask`` (T, B, 1), 1 for valid steps and 0 for padding, implements variable
+lengths: a padded step leaves the state unchanged and outputs zeros.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from grumpy._util import sigmoid
+
+
+class SeqCache(NamedTuple):
+    x: np.ndarray  # (T, B, I) input
+    hs: np.ndarray  # (T+1, B, H) states, see module docstring
+    gates: np.ndarray  # (T, B, 3H) activations r, z, n
+    hn: np.ndarray | None  # (T, B, H) W_hn h + b_hn (reset_after only)
+    mask: np.ndarray | None  # (T, B, 1)
+    reverse: bool
+    reset_after: bool
+
+
+def _state_views(hs: np.ndarray, reverse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(states entering each step, states leaving each step), both (T, B, H) in time order."""
+    return (hs[1:], hs[:-1]) if reverse else (hs[:-1], hs[1:])
+
+
+def gru_sequence_forward(
+    x: np.ndarray,
+    h0: np.ndarray,
+    weight_ih: np.ndarray,
+    weight_hh: np.ndarray,
+    bias_ih: np.ndarray | None,
+    bias_hh: np.ndarray | None,
+    *,
+    reset_after: bool = True,
+    reverse: bool = False,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, SeqCache]:
+    """x (T, B, I), h0 (B, H) -> output (T, B, H), h_last (B, H), cache."""
+    T, B, _ = x.shape
+    H = h0.shape[-1]
+    dt = x.dtype
+
+    gi = (x.reshape(T * B, -1) @ weight_ih.T).reshape(T, B, 3 * H)
+    if bias_ih is not None:
+        gi += bias_ih
+    if not reset_after and bias_hh is not None:
+        gi[..., 2 * H :] += bias_hh[2 * H :]  # b_hn sits outside the product: fold it in once
+
+    # A contiguous transposed copy: products on a transposed view run up to 2x slower.
+    whh_t = np.ascontiguousarray(weight_hh.T)  # (H, 3H)
+    w_rz_t = whh_t[:, : 2 * H] if not reset_after else None
+    w_n_t = np.ascontiguousarray(whh_t[:, 2 * H :]) if not reset_after else None
+    b_rz = bias_hh[: 2 * H] if bias_hh is not None else None
+
+    hs = np.empty((T + 1, B, H), dt)
+    hs[T if reverse else 0] = h0
+    gates = np.empty((T, B, 3 * H), dt)
+    hn_all = np.empty((T, B, H), dt) if reset_after else None
+    gh = np.empty((B, 3 * H), dt)
+    tmp = np.empty((B, H), dt)
+
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    for t in steps:
+        h_prev = hs[t + 1] if reverse else hs[t]
+        h_new = hs[t] if reverse else hs[t + 1]
+        g = gates[t]
+        r, z, n = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
+        if reset_after:
+            np.matmul(h_prev, whh_t, out=gh)
+            if bias_hh is not None:
+                gh += bias_hh
+            np.add(gi[t, :, : 2 * H], gh[:, : 2 * H], out=g[:, : 2 * H])
+            sigmoid(g[:, : 2 * H], out=g[:, : 2 * H])
+            hn_all[t] = gh[:, 2 * H :]
+            np.multiply(r, hn_all[t], out=n)
+        else:
+            np.matmul(h_prev, w_rz_t, out=gh[:, : 2 * H])
+            if b_rz is not None:
+                gh[:, : 2 * H] += b_rz
+            np.add(gi[t, :, : 2 * H], gh[:, : 2 * H], out=g[:, : 2 * H])
+            sigmoid(g[:, : 2 * H], out=g[:, : 2 * H])
+            np.multiply(r, h_prev, out=tmp)
+            np.matmul(tmp, w_n_t, out=n)
+        n += gi[t, :, 2 * H :]
+        np.tanh(n, out=n)
+        # h' = (1 − z) n + z h = n + z (h − n)
+        np.subtract(h_prev, n, out=tmp)
+        tmp *= z
+        np.add(n, tmp, out=h_new)
+        if mask is not None:
+            # padded steps keep the previous state: h' = h + m (h' − h)
+            np.subtract(h_new, h_prev, out=tmp)
+            tmp *= mask[t]
+            np.add(h_prev, tmp, out=h_new)
+
+    _, h_out = _state_views(hs, reverse)
+    output = h_out * mask if mask is not None else h_out.copy()
+    h_last = hs[0 if reverse else T].copy()
+    return output, h_last, SeqCache(x, hs, gates, hn_all, mask, reverse, reset_after)
+
+
+def gru_sequence_backward(
+    d_output: np.ndarray,
+    d_h_last: np.ndarray | None,
+    cache: SeqCache,
+    weight_ih: np.ndarray,
+    weight_hh: np.ndarray,
+    *,
+    bias: bool = True,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """d_output (T, B, H), d_h_last (B, H) or None -> dx (T, B, I), dh0 (B, H), grads.
+
+    grads holds ``weight_ih``, ``weight_hh`` and, with ``bias``, ``bias_ih`` and
+    ``bias_hh``, each the sum over all steps.
+    """
+    x, hs, gates, hn_all, mask, reverse, reset_after = cache
+    T, B, _ = x.shape
+    H = hs.shape[-1]
+    dt = x.dtype
+    h_in, _ = _state_views(hs, reverse)
+
+    # dG: gradients of the gate pre-activations on the input side [a_r, a_z, a_n];
+    # for reset_after the hidden side differs in its n part, r ⊙ da_n, kept in d_hn.
+    dG = np.empty((T, B, 3 * H), dt)
+    d_hn = np.empty((T, B, H), dt) if reset_after else None
+    w_hn = weight_hh[2 * H :]
+    w_rz = weight_hh[: 2 * H]
+    gbuf = np.empty((B, 3 * H), dt)  # the hidden-side gradient of one step
+    dh = np.zeros((B, H), dt) if d_h_last is None else np.array(d_h_last, dt)
+    dm = np.empty((B, H), dt)
+    tmp = np.empty((B, H), dt)
+
+    steps = range(T) if reverse else range(T - 1, -1, -1)
+    for t in steps:
+        g = gates[t]
+        r, z, n = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
+        h_prev = h_in[t]
+        d_out = d_output[t]
+        if mask is not None:
+            dh += d_out * mask[t]
+            np.multiply(dh, mask[t], out=dm)  # the part of dh that flows through the cell
+            dh -= dm  # ... and the part that skips a padded step
+        else:
+            dh += d_out
+            dm[...] = dh
+            dh.fill(0)
+        da_r, da_z, da_n = dG[t, :, :H], dG[t, :, H : 2 * H], dG[t, :, 2 * H :]
+        # h' = (1 − z) n + z h
+        np.multiply(dm, z, out=tmp)
+        dh += tmp  # direct path through z ⊙ h
+        # da_z = dm (h − n) z (1 − z)
+        np.subtract(h_prev, n, out=da_z)
+        da_z *= dm
+        np.subtract(1.0, z, out=tmp)
+        tmp *= z
+        da_z *= tmp
+        # da_n = dm (1 − z) (1 − n²)
+        np.subtract(1.0, z, out=da_n)
+        da_n *= dm
+        np.multiply(n, n, out=tmp)
+        np.subtract(1.0, tmp, out=tmp)
+        da_n *= tmp
+        if reset_after:
+            # a_n = gi_n + r ⊙ hn: dr = da_n ⊙ hn, d(hn) = da_n ⊙ r
+            np.multiply(da_n, hn_all[t], out=da_r)
+            np.multiply(da_n, r, out=d_hn[t])
+        else:
+            # a_n = gi_n + W_hn (r ⊙ h): d(r ⊙ h) = da_n W_hn
+            d_rh = da_n @ w_hn
+            np.multiply(d_rh, h_prev, out=da_r)
+            d_rh *= r
+            dh += d_rh
+        np.subtract(1.0, r, out=tmp)
+        tmp *= r
+        da_r *= tmp
+        if reset_after:
+            gbuf[:, : 2 * H] = dG[t, :, : 2 * H]
+            gbuf[:, 2 * H :] = d_hn[t]
+            dh += gbuf @ weight_hh
+        else:
+            dh += dG[t, :, : 2 * H] @ w_rz
+
+    dG2 = dG.reshape(T * B, 3 * H)
+    x2 = x.reshape(T * B, -1)
+    h2 = h_in.reshape(T * B, H)
+    dx = (dG2 @ weight_ih).reshape(x.shape)
+    grads = {"weight_ih": dG2.T @ x2}
+    if reset_after:
+        dhn2 = d_hn.reshape(T * B, H)
+        grads["weight_hh"] = np.concatenate([dG2[:, : 2 * H].T @ h2, dhn2.T @ h2])
+    else:
+        rh = (gates[..., :H] * h_in).reshape(T * B, H)
+        grads["weight_hh"] = np.concatenate([dG2[:, : 2 * H].T @ h2, dG2[:, 2 * H :].T @ rh])
+    if bias:
+        db = dG2.sum(0)
+        grads["bias_ih"] = db
+        if reset_after:
+            grads["bias_hh"] = np.concatenate([db[: 2 * H], d_hn.reshape(T * B, H).sum(0)])
+        else:
+            grads["bias_hh"] = db.copy()
+    return dx, dh, grads

@@ -1,0 +1,429 @@
+"""Recurrent layers: stacking, directions, variable lengths, dropout, parameters.
+
+The per-direction arithmetic lives in :mod:`grumpy.kernels`; this module wires
+layers and directions together, checks arguments, and holds parameters and
+gradients under the names ``torch.nn.GRU`` uses, so state dicts move between
+the two unchanged.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from grumpy._util import check_dtype, check_positive_int, orthogonal_blocks, uniform_init
+from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
+
+# A kernel runs one direction of one layer over a sequence:
+#   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask) -> (out, h_last, cache)
+#   backward(d_out, d_h_last, cache, w_ih, w_hh, *, bias) -> (dx, dh0, grads)
+ForwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, Any]]
+BackwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+
+_SUFFIXES = ("", "_reverse")
+
+
+def param_names(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
+    """PyTorch's parameter names, in PyTorch's order."""
+    names = []
+    for layer in range(num_layers):
+        for suffix in _SUFFIXES[: 2 if bidirectional else 1]:
+            kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+            names += [f"{k}_l{layer}{suffix}" for k in kinds]
+    return names
+
+
+class StackCache(NamedTuple):
+    caches: list[list[Any]]  # [layer][direction] kernel caches
+    dropout_masks: list[np.ndarray | None]  # [layer] mask applied to that layer's input
+
+
+def stack_forward(
+    forward_kernel: ForwardKernel,
+    params: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    h0: np.ndarray,
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    mask: np.ndarray | None = None,
+    dropout_masks: Sequence[np.ndarray | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, StackCache]:
+    """Run a stack of recurrent layers, time-major.
+
+    x (T, B, I), h0 (L*D, B, H), mask (T, B, 1) or None, dropout_masks: for each
+    layer None or a (T, B, D*H) array multiplying that layer's input (layer 0's
+    entry is ignored). Returns output (T, B, D*H), h_n (L*D, B, H) and the cache.
+    """
+    D = 2 if bidirectional else 1
+    masks = list(dropout_masks) if dropout_masks is not None else [None] * num_layers
+    masks[0] = None
+    h_n = np.empty_like(h0)
+    caches: list[list[Any]] = []
+    inp = x
+    for layer in range(num_layers):
+        if masks[layer] is not None:
+            inp = inp * masks[layer]
+        outs, layer_caches = [], []
+        for d in range(D):
+            sfx = f"_l{layer}{_SUFFIXES[d]}"
+            out, h_last, c = forward_kernel(
+                inp, h0[layer * D + d],
+                params["weight_ih" + sfx], params["weight_hh" + sfx],
+                params.get("bias_ih" + sfx), params.get("bias_hh" + sfx),
+                reverse=d == 1, mask=mask,
+            )
+            outs.append(out)
+            layer_caches.append(c)
+            h_n[layer * D + d] = h_last
+        inp = outs[0] if D == 1 else np.concatenate(outs, axis=-1)
+        caches.append(layer_caches)
+    return inp, h_n, StackCache(caches, masks)
+
+
+def stack_backward(
+    backward_kernel: BackwardKernel,
+    params: Mapping[str, np.ndarray],
+    cache: StackCache,
+    d_output: np.ndarray,
+    d_h_n: np.ndarray | None,
+    *,
+    bias: bool,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Backward of :func:`stack_forward`: d_output (T, B, D*H) -> dx (T, B, I), dh0, grads."""
+    num_layers = len(cache.caches)
+    D = len(cache.caches[0])
+    H = d_output.shape[-1] // D
+    grads: dict[str, np.ndarray] = {}
+    dh0 = np.empty((num_layers * D,) + d_output.shape[1:2] + (H,), d_output.dtype)
+    d_out = d_output
+    for layer in reversed(range(num_layers)):
+        dx = None
+        for d in range(D):
+            sfx = f"_l{layer}{_SUFFIXES[d]}"
+            dh_last = None if d_h_n is None else d_h_n[layer * D + d]
+            dx_d, dh0_d, g = backward_kernel(
+                d_out[..., d * H : (d + 1) * H], dh_last, cache.caches[layer][d],
+                params["weight_ih" + sfx], params["weight_hh" + sfx], bias=bias,
+            )
+            dx = dx_d if dx is None else dx + dx_d
+            dh0[layer * D + d] = dh0_d
+            for k, v in g.items():
+                grads[k + sfx] = v
+        if cache.dropout_masks[layer] is not None:
+            dx *= cache.dropout_masks[layer]
+        d_out = dx
+    return d_out, dh0, grads
+
+
+def lengths_mask(lengths: Any, T: int, B: int, dtype: np.dtype) -> np.ndarray:
+    """Check ``lengths`` and turn it into a (T, B, 1) mask of ones and zeros."""
+    arr = np.asarray(lengths)
+    if arr.shape != (B,):
+        raise ValueError(f"lengths: expected shape ({B},), one length per sequence, got {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise ValueError(f"lengths: expected integers, got dtype {arr.dtype}")
+    bad = (arr < 1) | (arr > T)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"lengths: expected values in [1, {T}] (T={T}), got lengths[{i}] = {arr[i]}")
+    return (np.arange(T)[:, None] < arr[None, :]).astype(dtype)[..., None]
+
+
+class RecurrentStack:
+    """Parameters, gradients, argument checks and the train/eval switch of a
+    stack of recurrent layers; subclasses name the kernels and the gate count."""
+
+    num_gates = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        dtype: Any = np.float32,
+        seed: int | None = None,
+        init: str = "uniform",
+    ) -> None:
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self.num_layers = check_positive_int("num_layers", num_layers)
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        if init not in ("uniform", "orthogonal"):
+            raise ValueError(f"init: expected 'uniform' or 'orthogonal', got {init!r}")
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.dtype = check_dtype(dtype)
+        self.training = True
+        self.rng = np.random.default_rng(seed)
+        self.params = self._init_params(init)
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._cache: StackCache | None = None
+
+    # -- the parts a subclass provides -------------------------------------
+    def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
+        raise NotImplementedError
+
+    # -- parameters ---------------------------------------------------------
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        G, H, D = self.num_gates, self.hidden_size, self.num_directions
+        shapes = {}
+        for name in param_names(self.num_layers, self.bidirectional, self.bias):
+            layer = int(name.split("_l")[1].split("_")[0])
+            in_size = self.input_size if layer == 0 else D * H
+            if name.startswith("weight_ih"):
+                shapes[name] = (G * H, in_size)
+            elif name.startswith("weight_hh"):
+                shapes[name] = (G * H, H)
+            else:
+                shapes[name] = (G * H,)
+        return shapes
+
+    def _init_params(self, init: str) -> dict[str, np.ndarray]:
+        params = {}
+        for name, shape in self.param_shapes().items():
+            if init == "orthogonal" and name.startswith("weight_hh"):
+                params[name] = orthogonal_blocks(self.rng, self.num_gates, self.hidden_size, self.dtype)
+            else:
+                params[name] = uniform_init(self.rng, shape, self.hidden_size, self.dtype)
+        return params
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A copy of the parameters under ``torch.nn`` names, in PyTorch's order."""
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace all parameters. Every key of :meth:`state_dict` must be present
+        with its shape; values are converted to the layer's dtype."""
+        shapes = self.param_shapes()
+        missing = [k for k in shapes if k not in state]
+        extra = [k for k in state if k not in shapes]
+        if missing or extra:
+            raise ValueError(
+                f"load_state_dict: missing keys {missing}, unexpected keys {extra} "
+                f"(expected exactly {list(shapes)})"
+            )
+        new = {}
+        for k, shape in shapes.items():
+            v = state[k]
+            if hasattr(v, "detach"):  # a torch tensor: no torch import needed to read it
+                v = v.detach().cpu().numpy()
+            arr = np.asarray(v)
+            if arr.dtype.kind not in "fiu":
+                raise ValueError(f"load_state_dict: {k} has dtype {arr.dtype}, expected a real number type")
+            if arr.shape != shape:
+                raise ValueError(f"load_state_dict: {k} has shape {arr.shape}, expected {shape}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"load_state_dict: {k} contains non-finite values (NaN or inf)")
+            new[k] = np.array(arr, dtype=self.dtype)
+        self.params = new
+        self.grads = {k: np.zeros_like(v) for k, v in new.items()}
+
+    def zero_grad(self) -> None:
+        for g in self.grads.values():
+            g.fill(0)
+
+    def train(self, mode: bool = True) -> "RecurrentStack":
+        """Dropout on (training) or off (inference). Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "RecurrentStack":
+        return self.train(False)
+
+    # -- forward / backward -------------------------------------------------
+    def _check_array(self, name: str, a: Any, shape: tuple[int, ...], layout: str) -> np.ndarray:
+        a = np.asarray(a)
+        if a.dtype != self.dtype:
+            raise ValueError(
+                f"{name}: expected dtype {self.dtype}, got {a.dtype} (convert with .astype, "
+                f"or build the layer with dtype={a.dtype} if that is a float type)"
+            )
+        if a.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape} {layout}, got {a.shape}")
+        return a
+
+    def forward(
+        self, x: np.ndarray, h0: np.ndarray | None = None, *, lengths: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """x (T, B, I), or (B, T, I) with batch_first; h0 (L*D, B, H) or None for zeros.
+
+        Returns output (T, B, D*H) (or (B, T, D*H)) and h_n (L*D, B, H). With
+        ``lengths`` (B,), steps at or past ``lengths[b]`` leave sequence b's
+        state unchanged and output zeros; the reverse direction starts at each
+        sequence's last valid step.
+        """
+        x = np.asarray(x)
+        lay = "(B, T, I)" if self.batch_first else "(T, B, I)"
+        if x.ndim != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(f"x: expected a 3-d array {lay} with I={self.input_size}, got shape {x.shape}")
+        x = self._check_array("x", x, x.shape, lay)
+        if self.batch_first:
+            x = x.transpose(1, 0, 2)
+        x = np.ascontiguousarray(x)
+        T, B, _ = x.shape
+        LD = self.num_layers * self.num_directions
+        if h0 is None:
+            h0 = np.zeros((LD, B, self.hidden_size), self.dtype)
+        else:
+            h0 = self._check_array("h0", h0, (LD, B, self.hidden_size), "(num_layers * D, B, H)")
+        mask = None if lengths is None else lengths_mask(lengths, T, B, self.dtype)
+        drop = [None] * self.num_layers
+        if self.training and self.dropout > 0:
+            keep = 1.0 - self.dropout
+            width = self.num_directions * self.hidden_size
+            for layer in range(1, self.num_layers):
+                drop[layer] = ((self.rng.random((T, B, width)) < keep) / keep).astype(self.dtype)
+        fwd, _ = self._kernels()
+        out, h_n, cache = stack_forward(
+            fwd, self.params, x, h0, num_layers=self.num_layers,
+            bidirectional=self.bidirectional, mask=mask, dropout_masks=drop,
+        )
+        self._cache = cache
+        if self.batch_first:
+            out = np.ascontiguousarray(out.transpose(1, 0, 2))
+        return out, h_n
+
+    __call__ = forward
+
+    def backward(
+        self, d_output: np.ndarray, d_h_n: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Gradients for the most recent forward: d_output shaped like output,
+        d_h_n (L*D, B, H) or None. Returns (d_x, d_h0); parameter gradients are
+        added into ``grads``."""
+        if self._cache is None:
+            raise RuntimeError("backward() called before forward()")
+        c0 = self._cache.caches[0][0]
+        T, B = c0.x.shape[:2]
+        DH = self.num_directions * self.hidden_size
+        lay = "(B, T, D*H)" if self.batch_first else "(T, B, D*H)"
+        want = (B, T, DH) if self.batch_first else (T, B, DH)
+        d_output = self._check_array("d_output", d_output, want, lay)
+        if self.batch_first:
+            d_output = d_output.transpose(1, 0, 2)
+        d_output = np.ascontiguousarray(d_output)
+        if d_h_n is not None:
+            LD = self.num_layers * self.num_directions
+            d_h_n = self._check_array("d_h_n", d_h_n, (LD, B, self.hidden_size), "(num_layers * D, B, H)")
+        _, bwd = self._kernels()
+        dx, dh0, g = stack_backward(bwd, self.params, self._cache, d_output, d_h_n, bias=self.bias)
+        for k, v in g.items():
+            self.grads[k] += v
+        if self.batch_first:
+            dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
+        return dx, dh0
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
+            f"bidirectional={self.bidirectional}, dtype={self.dtype})"
+        )
+
+
+class GRU(RecurrentStack):
+    r"""A multi-layer GRU with hand-written backpropagation through time.
+
+    For each layer and direction, with x_t the input and h the previous state
+    (gate order r, z, n, as PyTorch)::
+
+        r_t = σ(W_ir x_t + b_ir + W_hr h + b_hr)
+        z_t = σ(W_iz x_t + b_iz + W_hz h + b_hz)
+        n_t = tanh(W_in x_t + b_in + r_t ⊙ (W_hn h + b_hn))     reset_after=True (default)
+        n_t = tanh(W_in x_t + b_in + W_hn (r_t ⊙ h) + b_hn)     reset_after=False (Cho et al. 2014)
+        h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h
+
+    Layer k > 0 takes the (dropped-out, in training) output of layer k − 1.
+
+    Shapes (T steps, B sequences, D = 2 if bidirectional else 1):
+        x (T, B, I) or (B, T, I) with batch_first; h0, h_n (num_layers * D, B, H);
+        output (T, B, D * H) or (B, T, D * H), the forward direction's states
+        first, then the reverse direction's.
+
+    Parameters, named and shaped as in ``torch.nn.GRU`` (``_reverse`` suffix for
+    the reverse direction): ``weight_ih_l{k}`` (3H, I or D*H) = [W_ir; W_iz; W_in],
+    ``weight_hh_l{k}`` (3H, H) = [W_hr; W_hz; W_hn], ``bias_ih_l{k}`` (3H,),
+    ``bias_hh_l{k}`` (3H,). The same layout holds for reset_after=False.
+
+    Initialisation: all parameters from U(−1/√H, 1/√H), as PyTorch; with
+    ``init="orthogonal"`` each (H, H) block of the recurrent weights is a random
+    orthogonal matrix instead. ``seed`` seeds the generator used for
+    initialisation and dropout, so runs are reproducible.
+    """
+
+    num_gates = 3
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        reset_after: bool = True,
+        dtype: Any = np.float32,
+        seed: int | None = None,
+        init: str = "uniform",
+    ) -> None:
+        self.reset_after = bool(reset_after)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+            dropout=dropout, bidirectional=bidirectional, dtype=dtype, seed=seed, init=init,
+        )
+
+    def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
+        return partial(gru_sequence_forward, reset_after=self.reset_after), gru_sequence_backward
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", reset_after={self.reset_after})"
+
+
+def gru_forward(
+    params: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    h0: np.ndarray,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    reset_after: bool = True,
+    mask: np.ndarray | None = None,
+    dropout_masks: Sequence[np.ndarray | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, StackCache]:
+    """The GRU stack as a pure function: time-major x (T, B, I), h0 (L*D, B, H)
+    -> output (T, B, D*H), h_n (L*D, B, H), cache for :func:`gru_backward`."""
+    fwd = partial(gru_sequence_forward, reset_after=reset_after)
+    return stack_forward(fwd, params, x, h0, num_layers=num_layers, bidirectional=bidirectional,
+                         mask=mask, dropout_masks=dropout_masks)
+
+
+def gru_backward(
+    params: Mapping[str, np.ndarray],
+    cache: StackCache,
+    d_output: np.ndarray,
+    d_h_n: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Backward of :func:`gru_forward` -> d_x (T, B, I), d_h0 (L*D, B, H), grads
+    keyed as the parameters."""
+    bias = any(k.startswith("bias") for k in params)
+    return stack_backward(gru_sequence_backward, params, cache, d_output, d_h_n, bias=bias)
