@@ -1,0 +1,5 @@
+import sys
+
+from grumpy.cli import main
+
+sys.exit(main())

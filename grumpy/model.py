@@ -1,0 +1,231 @@
+"""The character-level language model: embedding -> GRU stack -> linear head -> softmax.
+
+Parameters live in one flat dict keyed like a PyTorch module's state dict::
+
+    embedding.weight   (V, E)        absent with one-hot input (embedding_dim=0)
+    gru.weight_ih_l0   (3H, E or V)  ... every name of grumpy.GRU, prefixed "gru."
+    head.weight        (V, H)
+    head.bias          (V,)
+
+The arrays in ``params`` and ``grads`` are the very arrays the GRU holds, so an
+optimiser that updates them in place updates the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from grumpy._util import check_dtype, check_positive_int
+from grumpy.layers import GRU
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the model's architecture (JSON round-trips via to_dict/from_dict)."""
+
+    vocab_size: int
+    hidden_size: int = 256
+    num_layers: int = 2
+    embedding_dim: int = 64  # 0: feed one-hot vectors straight into the GRU, as seed 004 does
+    dropout: float = 0.0
+    reset_after: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_positive_int("vocab_size", self.vocab_size)
+        check_positive_int("hidden_size", self.hidden_size)
+        check_positive_int("num_layers", self.num_layers)
+        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim < 0:
+            raise ValueError(f"embedding_dim: expected an integer >= 0, got {self.embedding_dim!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        check_dtype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"model config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, by log-sum-exp: no overflow for any finite input."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy in nats. logits (..., V), targets (...) ints -> (loss, d_logits)."""
+    V = logits.shape[-1]
+    lp = log_softmax(logits.reshape(-1, V))
+    t = targets.reshape(-1)
+    N = t.shape[0]
+    loss = -float(lp[np.arange(N), t].astype(np.float64).mean())
+    d = np.exp(lp)  # softmax
+    d[np.arange(N), t] -= 1.0
+    d /= N
+    return loss, d.reshape(logits.shape)
+
+
+class CharModel:
+    """Embedding (or one-hot) -> GRU stack -> linear head, with hand-written backward.
+
+    ``forward(idx, h0)`` takes character indices (T, B) and h0 (L, B, H) or None
+    and returns logits (T, B, V) and h_n (L, B, H). ``backward(d_logits)``
+    adds parameter gradients into ``grads`` and returns d_h0 (L, B, H).
+    """
+
+    def __init__(self, config: ModelConfig, seed: int | None = None) -> None:
+        self.config = config
+        c = config
+        self.dtype = check_dtype(c.dtype)
+        rng = np.random.default_rng(seed)
+        in_size = c.embedding_dim or c.vocab_size
+        self.gru = GRU(
+            in_size, c.hidden_size, c.num_layers, dropout=c.dropout, reset_after=c.reset_after,
+            dtype=self.dtype, seed=int(rng.integers(2**63)),
+        )
+        own: dict[str, np.ndarray] = {}
+        if c.embedding_dim:
+            own["embedding.weight"] = rng.standard_normal((c.vocab_size, c.embedding_dim)).astype(self.dtype)
+        k = 1.0 / np.sqrt(c.hidden_size)
+        own["head.weight"] = rng.uniform(-k, k, (c.vocab_size, c.hidden_size)).astype(self.dtype)
+        own["head.bias"] = rng.uniform(-k, k, (c.vocab_size,)).astype(self.dtype)
+        self._own = own
+        self._own_grads = {n: np.zeros_like(v) for n, v in own.items()}
+        self._cache: tuple[np.ndarray, np.ndarray] | None = None
+
+    # Rebuilt on each access so they stay right after gru.load_state_dict replaces arrays.
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self._merge(self._own, self.gru.params)
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        return self._merge(self._own_grads, self.gru.grads)
+
+    def _merge(self, own: dict[str, np.ndarray], gru: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        if "embedding.weight" in own:
+            out["embedding.weight"] = own["embedding.weight"]
+        out.update({"gru." + k: v for k, v in gru.items()})
+        out["head.weight"] = own["head.weight"]
+        out["head.bias"] = own["head.bias"]
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace all parameters; a missing, extra, mis-shaped or non-finite entry raises ValueError."""
+        expected = self.params
+        missing = [k for k in expected if k not in state]
+        extra = [k for k in state if k not in expected]
+        if missing or extra:
+            raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {extra}")
+        self.gru.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("gru.")})
+        for k in self._own:
+            arr = np.asarray(state[k])
+            if arr.shape != self._own[k].shape:
+                raise ValueError(f"load_state_dict: {k} has shape {arr.shape}, expected {self._own[k].shape}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"load_state_dict: {k} contains non-finite values")
+            self._own[k][...] = arr
+
+    def zero_grad(self) -> None:
+        for g in self.grads.values():
+            g.fill(0)
+
+    def train(self, mode: bool = True) -> "CharModel":
+        self.gru.train(mode)
+        return self
+
+    def eval(self) -> "CharModel":
+        return self.train(False)
+
+    def init_state(self, batch_size: int) -> np.ndarray:
+        """Zeros (L, B, H)."""
+        return np.zeros((self.config.num_layers, batch_size, self.config.hidden_size), self.dtype)
+
+    def _embed(self, idx: np.ndarray) -> np.ndarray:
+        if self.config.embedding_dim:
+            return self._own["embedding.weight"][idx]
+        x = np.zeros(idx.shape + (self.config.vocab_size,), self.dtype)
+        np.put_along_axis(x, idx[..., None], 1.0, axis=-1)
+        return x
+
+    def forward(self, idx: np.ndarray, h0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """idx (T, B) ints in [0, V), h0 (L, B, H) -> logits (T, B, V), h_n (L, B, H)."""
+        idx = np.asarray(idx)
+        if idx.ndim != 2 or idx.dtype.kind not in "iu":
+            raise ValueError(f"idx: expected a (T, B) integer array, got shape {idx.shape} dtype {idx.dtype}")
+        V = self.config.vocab_size
+        if idx.size and (idx.min() < 0 or idx.max() >= V):
+            raise ValueError(f"idx: values must lie in [0, {V}), got range [{idx.min()}, {idx.max()}]")
+        out, h_n = self.gru.forward(self._embed(idx), h0)
+        T, B, H = out.shape
+        logits = (out.reshape(T * B, H) @ self._own["head.weight"].T).reshape(T, B, V)
+        logits += self._own["head.bias"]
+        self._cache = (idx, out)
+        return logits, h_n
+
+    __call__ = forward
+
+    def backward(self, d_logits: np.ndarray, d_h_n: np.ndarray | None = None) -> np.ndarray:
+        """d_logits (T, B, V) -> d_h0 (L, B, H); parameter gradients are added into ``grads``."""
+        if self._cache is None:
+            raise RuntimeError("backward() called before forward()")
+        idx, out = self._cache
+        T, B, H = out.shape
+        V = self.config.vocab_size
+        d2 = d_logits.reshape(T * B, V).astype(self.dtype, copy=False)
+        self._own_grads["head.weight"] += d2.T @ out.reshape(T * B, H)
+        self._own_grads["head.bias"] += d2.sum(0)
+        d_out = (d2 @ self._own["head.weight"]).reshape(T, B, H)
+        dx, dh0 = self.gru.backward(d_out, d_h_n)
+        if self.config.embedding_dim:
+            np.add.at(self._own_grads["embedding.weight"], idx.reshape(-1), dx.reshape(T * B, -1))
+        return dh0
+
+    def loss(self, idx: np.ndarray, targets: np.ndarray, h0: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        """Forward and mean cross-entropy (nats/char) without a backward: (loss, h_n)."""
+        logits, h_n = self.forward(idx, h0)
+        loss, _ = cross_entropy(logits, targets)
+        return loss, h_n
+
+
+def sample_next(
+    logits: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> int:
+    """Draw one index from logits (V,). temperature 0 is greedy (argmax);
+    top_k keeps the k most likely; top_p keeps the smallest set whose
+    probability reaches p (nucleus sampling)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    lp = log_softmax(logits.astype(np.float64) / temperature)
+    p = np.exp(lp)
+    order = np.argsort(-p, kind="stable")
+    keep = np.ones_like(p, dtype=bool)
+    if top_k is not None and top_k < p.size:
+        keep[order[top_k:]] = False
+    if top_p is not None and top_p < 1.0:
+        cum = np.cumsum(p[order])
+        cut = int(np.searchsorted(cum, top_p)) + 1  # smallest prefix reaching top_p
+        keep[order[cut:]] = False
+    p = np.where(keep, p, 0.0)
+    p /= p.sum()
+    return int(rng.choice(p.size, p=p))
