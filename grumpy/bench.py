@@ -1,0 +1,579 @@
+"""``grumpy bench``: grumpy's GRU against PyTorch's ``nn.GRU`` and a jit-compiled JAX/Flax GRU.
+
+The workload is one step of a character language model: a one-layer GRU on
+one-hot inputs of width 65, a linear head to 65 classes and softmax
+cross-entropy over T = 100 steps, in float32. Each side runs in its own child
+process (a "worker" that keeps its model between requests); the parent asks the
+sides in turn, A B C A B C ..., for one timed sample each, and reports the
+median sample. Before timing, every side runs warm-up steps (for JAX these
+include the jit compilation, which is timed and reported on its own).
+
+Measures, in tokens per second (B*T per second):
+
+* train: forward + loss + backward + SGD update;
+* infer: forward + loss (torch under ``no_grad``, JAX jit-compiled);
+* gen: one character at a time from one stream (B = 1, T = 1 per call, the
+  state fed back), the GRU step and the head's logits, as ``grumpy sample`` does;
+* peak memory of one training step at the largest point, from the kernel's
+  high-water mark of resident memory (``VmHWM`` in ``/proc/self/status``,
+  reset through ``/proc/self/clear_refs`` after a warm-up step) minus the
+  resident memory before that step, in a fresh process per side;
+* the roofline: the float32 matrix-product rate of a large square product, and
+  each training point as a percentage of it, counting
+  6 * 3H * (I + H) + 6 * H * V floating-point operations per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+I_SIZE = 65  # input width (one-hot characters)
+V_SIZE = 65  # classes
+T_STEPS = 100
+LR = 0.01
+SIDES = ("grumpy", "torch", "jax")
+
+FULL = {"H": [64, 256, 1024], "B": [1, 32, 128], "gen_H": [256, 1024], "mem": (1024, 128)}
+QUICK = {"H": [64], "B": [1, 32], "gen_H": [256], "mem": (64, 32)}
+
+
+def flops_per_token(H: int, I: int = I_SIZE, V: int = V_SIZE) -> int:
+    """Training flops per token: forward 2 per multiply-add, backward twice the forward."""
+    return 6 * 3 * H * (I + H) + 6 * H * V
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _data(T: int, B: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same one-hot inputs (T, B, I) and targets (T, B) for every side."""
+    rng = np.random.default_rng(1234)
+    idx = rng.integers(0, I_SIZE, (T, B))
+    x = np.zeros((T, B, I_SIZE), np.float32)
+    np.put_along_axis(x, idx[..., None], 1.0, axis=-1)
+    y = rng.integers(0, V_SIZE, (T, B))
+    return x, y
+
+
+# ---------------------------------------------------------------------------
+# The three sides. Each builder returns a zero-argument callable doing one unit
+# of work (one training step, one inference pass, or one generated character).
+# ---------------------------------------------------------------------------
+
+
+def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
+    from grumpy.layers import GRU
+    from grumpy.model import cross_entropy
+
+    gru = GRU(I_SIZE, H, dtype=np.float32, seed=0)
+    rng = np.random.default_rng(1)
+    k = 1.0 / math.sqrt(H)
+    W = rng.uniform(-k, k, (V_SIZE, H)).astype(np.float32)
+    b = rng.uniform(-k, k, V_SIZE).astype(np.float32)
+    x, y = _data(T, B)
+    h0 = np.zeros((1, B, H), np.float32)
+
+    if mode == "gen":
+        gru.eval()
+        x1 = x[:1, :1]
+        state = {"h": h0}
+
+        def gen() -> np.ndarray:
+            out, h = gru.forward(x1, state["h"])
+            state["h"] = h
+            return out[0] @ W.T + b
+
+        return gen
+
+    def forward_loss() -> tuple[float, np.ndarray, np.ndarray]:
+        out, _ = gru.forward(x, h0)
+        out2 = out.reshape(T * B, H)
+        logits = out2 @ W.T
+        logits += b
+        loss, d = cross_entropy(logits, y.reshape(-1))
+        return loss, d, out2
+
+    if mode == "infer":
+        gru.eval()
+        return lambda: forward_loss()[0]
+
+    def train() -> float:
+        loss, d, out2 = forward_loss()
+        dW = d.T @ out2
+        db = d.sum(0)
+        d_out = (d @ W).reshape(T, B, H)
+        gru.zero_grad()
+        gru.backward(d_out)
+        for name, prm in gru.params.items():
+            prm -= LR * gru.grads[name]
+        W[...] -= LR * dW
+        b[...] -= LR * db
+        return loss
+
+    return train
+
+
+def _torch_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
+    import torch
+
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(I_SIZE, H)
+    head = torch.nn.Linear(H, V_SIZE)
+    xn, yn = _data(T, B)
+    x, y = torch.from_numpy(xn), torch.from_numpy(yn).reshape(-1)
+    if mode == "gen":
+        x1 = x[:1, :1]
+        state = {"h": torch.zeros(1, 1, H)}
+
+        def gen() -> Any:
+            with torch.no_grad():
+                out, h = gru(x1, state["h"])
+                state["h"] = h
+                return head(out)
+
+        return gen
+
+    def forward_loss() -> Any:
+        out, _ = gru(x)
+        return torch.nn.functional.cross_entropy(head(out).reshape(T * B, V_SIZE), y)
+
+    if mode == "infer":
+
+        def infer() -> float:
+            with torch.no_grad():
+                return float(forward_loss())
+
+        return infer
+
+    opt = torch.optim.SGD(list(gru.parameters()) + list(head.parameters()), lr=LR)
+
+    def train() -> float:
+        opt.zero_grad()
+        loss = forward_loss()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return train
+
+
+def _jax_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:  # x (B, T, I)
+            out = nn.RNN(nn.GRUCell(features=H))(x)
+            return nn.Dense(V_SIZE)(out)
+
+    class Step(nn.Module):
+        @nn.compact
+        def __call__(self, h: Any, x: Any) -> Any:  # h (1, H), x (1, I)
+            h, out = nn.GRUCell(features=H)(h, x)
+            return h, nn.Dense(V_SIZE)(out)
+
+    xn, yn = _data(T, B)
+    x = jnp.asarray(xn.transpose(1, 0, 2))  # flax's RNN is batch-major
+    y = jnp.asarray(yn.T)
+    key = jax.random.PRNGKey(0)
+
+    if mode == "gen":
+        step = Step()
+        h0 = jnp.zeros((1, H), jnp.float32)
+        params = step.init(key, h0, x[:1, 0])
+        fn = jax.jit(step.apply)
+        x1 = x[:1, 0]
+        fn(params, h0, x1)[0].block_until_ready()  # compile
+        state = {"h": h0}
+
+        def gen() -> Any:
+            h, logits = fn(params, state["h"], x1)
+            state["h"] = h
+            return logits.block_until_ready()
+
+        return gen
+
+    model = LM()
+    params = model.init(key, x)
+
+    def loss_fn(p: Any) -> Any:
+        logits = model.apply(p, x)
+        lp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(lp, y[..., None], axis=-1))
+
+    if mode == "infer":
+        fwd = jax.jit(loss_fn)
+        return lambda: fwd(params).block_until_ready()
+
+    @jax.jit
+    def train_step(p: Any) -> Any:
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        return jax.tree_util.tree_map(lambda a, b: a - LR * b, p, g), loss
+
+    state = {"p": params}
+
+    def train() -> Any:
+        state["p"], loss = train_step(state["p"])
+        return loss.block_until_ready()
+
+    return train
+
+
+BUILDERS = {"grumpy": _grumpy_side, "torch": _torch_side, "jax": _jax_side}
+
+
+def _matmul_gflops(side: str, n: int = 2048, reps: int = 5) -> float:
+    """The best large float32 product rate (GFLOP/s) of this side's library."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    bm = rng.standard_normal((n, n)).astype(np.float32)
+    if side == "torch":
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(bm)
+        f: Callable[[], Any] = lambda: torch.mm(ta, tb)  # noqa: E731
+    elif side == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        ja, jb = jnp.asarray(a), jnp.asarray(bm)
+        mm = jax.jit(jnp.matmul)
+        f = lambda: mm(ja, jb).block_until_ready()  # noqa: E731
+    else:
+        f = lambda: a @ bm  # noqa: E731
+    f()
+    best = min(_timed(f) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(f: Callable[[], Any], k: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(k):
+        f()
+    return (time.perf_counter() - t0) / k
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_memory(side: str, H: int, B: int, T: int) -> dict[str, Any]:
+    """In a fresh process: the extra resident memory one training step needs."""
+    step = BUILDERS[side]("train", H, B, T)
+    step()  # warm-up: lazy allocations, jit compilation
+    import gc
+
+    gc.collect()
+    base = _status_kb("VmRSS")
+    how = "VmHWM after clear_refs"
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        how = "VmHWM (not resettable: includes set-up)"
+    step()
+    peak = _status_kb("VmHWM")
+    return {"step_peak_mb": (peak - base) / 1024, "rss_mb": base / 1024, "how": how}
+
+
+def _configure_threads(side: str, threads: int) -> Any:
+    """Give the side all cores; returns an object to keep alive (threadpoolctl's limiter)."""
+    keep = None
+    try:
+        from threadpoolctl import threadpool_limits
+
+        keep = threadpool_limits(limits=threads, user_api="blas")
+    except ImportError:
+        pass
+    if side == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    return keep
+
+
+def _worker() -> None:
+    """The child: reads JSON requests from stdin, answers one JSON line each."""
+    side, threads = sys.argv[1], int(sys.argv[2])
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # libraries' chatter goes to stderr, the protocol keeps stdout
+    keep = _configure_threads(side, threads)  # noqa: F841
+    fn: Callable[[], Any] | None = None
+    k = 1
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req["op"]
+        try:
+            if op == "setup":
+                fn = None
+                t0 = time.perf_counter()
+                fn = BUILDERS[side](req["mode"], req["H"], req["B"], req["T"])
+                fn()  # first call: jit compilation for JAX
+                first = time.perf_counter() - t0
+                for _ in range(req.get("warmup", 1)):
+                    one = _timed(fn)
+                k = max(1, math.ceil(req["sample_s"] / max(one, 1e-9)))
+                reply: dict[str, Any] = {"first_s": first, "step_s": one, "k": k}
+            elif op == "time":
+                assert fn is not None
+                reply = {"s": _timed(fn, k)}
+            elif op == "matmul":
+                reply = {"gflops": _matmul_gflops(side)}
+            elif op == "memory":
+                reply = _peak_memory(side, req["H"], req["B"], req["T"])
+            else:
+                reply = {"error": f"unknown op {op}"}
+        except Exception as e:  # report, do not hang the parent
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        proto.write(json.dumps(reply) + "\n")
+        proto.flush()
+
+
+class Worker:
+    """The parent's handle on one side's child process."""
+
+    def __init__(self, side: str, threads: int) -> None:
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        env["PJRT_NPROC"] = str(threads)  # XLA's CPU thread count
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("NUMBA_NUM_THREADS", str(threads))
+        env.setdefault("JAX_PLATFORMS", "cpu")
+        self.side = side
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from grumpy.bench import _worker; _worker()", side, str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+        )
+
+    def ask(self, **req: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.side} worker exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def available_sides() -> dict[str, str | None]:
+    """Side -> None if it can run here, else why not."""
+    out: dict[str, str | None] = {"grumpy": None}
+    out["torch"] = None if importlib.util.find_spec("torch") else "torch not installed"
+    missing = [m for m in ("jax", "flax") if importlib.util.find_spec(m) is None]
+    out["jax"] = f"{' and '.join(missing)} not installed" if missing else None
+    return out
+
+
+def run(
+    *,
+    quick: bool = False,
+    sides: list[str] | None = None,
+    repeats: int | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-ready dict (see :func:`to_markdown`)."""
+    grid = QUICK if quick else FULL
+    threads = threads or _cores()
+    repeats = repeats or (3 if quick else 5)
+    sample_s = 0.05 if quick else 0.25
+    settle_s = float(os.environ.get("GRUMPY_BENCH_SETTLE", "0.2"))
+    avail = available_sides()
+    wanted = sides or list(SIDES)
+    active = [s for s in wanted if avail.get(s) is None]
+    skipped = {s: avail.get(s) or "not requested" for s in SIDES if s not in active}
+    result: dict[str, Any] = {
+        "machine": {"cores": _cores(), "threads": threads, "python": sys.version.split()[0]},
+        "config": {"T": T_STEPS, "I": I_SIZE, "V": V_SIZE, "dtype": "float32", "quick": quick,
+                   "repeats": repeats, "sample_s": sample_s},
+        "sides": active, "skipped": skipped, "points": [], "compile_s": {}, "matmul_gflops": {},
+        "memory": {},
+    }
+    workers = {s: Worker(s, threads) for s in active}
+    try:
+        versions = {}
+        for s, w in workers.items():
+            result["matmul_gflops"][s] = w.ask(op="matmul").get("gflops")
+            versions[s] = _version(s)
+        result["machine"]["versions"] = versions
+        plan = [("train", H, B) for H in grid["H"] for B in grid["B"]]
+        plan += [("infer", H, B) for H in grid["H"] for B in grid["B"]]
+        plan += [("gen", H, 1) for H in grid["gen_H"]]
+        for mode, H, B in plan:
+            T = 1 if mode == "gen" else T_STEPS
+            point: dict[str, Any] = {"mode": mode, "H": H, "B": B, "T": T, "tok_s": {}, "error": {}}
+            ok = []
+            for s, w in workers.items():
+                rep = w.ask(op="setup", mode=mode, H=H, B=B, T=T, sample_s=sample_s,
+                            warmup=1 if quick else 2)
+                if "error" in rep:
+                    point["error"][s] = rep["error"]
+                    continue
+                ok.append(s)
+                if s == "jax":
+                    result["compile_s"][f"{mode} H={H} B={B}"] = rep["first_s"] - rep["step_s"]
+            samples: dict[str, list[float]] = {s: [] for s in ok}
+            for _ in range(repeats):
+                for s in ok:  # alternate: A B C A B C ...
+                    time.sleep(settle_s)  # let the previous side's spinning threads go idle
+                    samples[s].append(workers[s].ask(op="time")["s"])
+            for s in ok:
+                point["tok_s"][s] = B * T / statistics.median(samples[s])
+            result["points"].append(point)
+            log(_point_line(point))
+    finally:
+        for w in workers.values():
+            w.close()
+    mH, mB = grid["mem"]
+    result["memory"]["point"] = {"H": mH, "B": mB}
+    for s in active:  # a fresh process per side: nothing else in its heap
+        w = Worker(s, threads)
+        try:
+            result["memory"][s] = w.ask(op="memory", H=mH, B=mB, T=T_STEPS)
+        finally:
+            w.close()
+        log(f"memory {s}: {result['memory'][s]}")
+    rates = [g for g in result["matmul_gflops"].values() if g]
+    result["roofline_gflops"] = max(rates) if rates else None
+    return result
+
+
+def _version(side: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = {"grumpy": ["numpy"], "torch": ["torch"], "jax": ["jax", "flax"]}[side]
+    out = []
+    for n in names:
+        try:
+            out.append(f"{n} {version(n)}")
+        except PackageNotFoundError:
+            out.append(f"{n} ?")
+    return ", ".join(out)
+
+
+def _point_line(p: dict[str, Any]) -> str:
+    vals = " ".join(f"{s}={v:,.0f}" for s, v in p["tok_s"].items())
+    return f"{p['mode']} H={p['H']} B={p['B']}: {vals} tok/s {p['error'] or ''}"
+
+
+def _fmt_rate(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}k" if v >= 1e3 else f"{v:.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    """The result as a Markdown table (plus memory, roofline and compile lines)."""
+    roof = res.get("roofline_gflops")
+    lines = [
+        "| measure | H | B | grumpy tok/s | torch tok/s | JAX tok/s | grumpy/torch | grumpy/JAX | % roofline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in res["points"]:
+        r = p["tok_s"]
+        g, t, j = r.get("grumpy"), r.get("torch"), r.get("jax")
+        pct = "" if p["mode"] != "train" or not (roof and g) else f"{100 * g * flops_per_token(p['H']) / (roof * 1e9):.0f}%"
+        lines.append(
+            f"| {p['mode']} | {p['H']} | {p['B']} | {_fmt_rate(g)} | {_fmt_rate(t)} | {_fmt_rate(j)} "
+            f"| {_ratio(g, t)} | {_ratio(g, j)} | {pct} |"
+        )
+    mem = res.get("memory", {})
+    out = ["\n".join(lines), ""]
+    if mem.get("point"):
+        mp = mem["point"]
+        parts = []
+        for s in SIDES:
+            m = mem.get(s)
+            parts.append(f"{s} {m['step_peak_mb']:.0f} MB" if m and "step_peak_mb" in m else f"{s} n/a")
+        how = next((mem[s]["how"] for s in SIDES if s in mem and "how" in mem[s]), "")
+        out.append(f"Peak memory of a training step at H={mp['H']}, B={mp['B']} ({how}, above the "
+                   f"resident size before the step): " + ", ".join(parts) + ".")
+    mm = ", ".join(f"{s} {g:.0f}" for s, g in res.get("matmul_gflops", {}).items() if g)
+    if roof:
+        out.append(f"Roofline: large float32 matrix product {roof:.0f} GFLOP/s (best of: {mm}); "
+                   "training counts 6*3H*(I+H) + 6*H*V flops per token.")
+    if res.get("compile_s"):
+        cs = ", ".join(f"{k} {v:.1f}s" for k, v in res["compile_s"].items())
+        out.append(f"JAX compile time (excluded above): {cs}.")
+    for s, why in res.get("skipped", {}).items():
+        out.append(f"{s}: n/a ({why}).")
+    errs = [f"{p['mode']} H={p['H']} B={p['B']} {s}: {e}" for p in res["points"] for s, e in p["error"].items()]
+    if errs:
+        out.append("Errors: " + "; ".join(errs))
+    m = res["machine"]
+    vers = "; ".join(m.get("versions", {}).values())
+    out.append(f"Machine: {m['cores']} cores, {m['threads']} threads per side, Python {m['python']}; {vers}. "
+               f"T={res['config']['T']}, float32, median of {res['config']['repeats']} alternated samples.")
+    return "\n".join(out) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a reduced grid (under a minute), e.g. as a smoke test")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--sides", default=",".join(SIDES),
+                   help=f"comma-separated subset of {','.join(SIDES)} (default: all that are installed)")
+    p.add_argument("--repeats", type=int, default=None, help="timed samples per side and point (default 5, quick 3)")
+    p.add_argument("--threads", type=int, default=None, help="threads per side (default: all cores)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from grumpy.cli import UsageError
+
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    bad = [s for s in sides if s not in SIDES]
+    if bad or not sides:
+        raise UsageError(f"--sides: expected a comma-separated subset of {','.join(SIDES)}, got {args.sides!r}")
+    if args.repeats is not None and args.repeats < 1:
+        raise UsageError(f"--repeats: expected a positive integer, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
+    t0 = time.perf_counter()
+    res = run(quick=args.quick, sides=sides, repeats=args.repeats, threads=args.threads,
+              log=lambda s: print(s, file=sys.stderr, flush=True))
+    res["wall_s"] = time.perf_counter() - t0
+    sys.stdout.write(to_markdown(res))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark grumpy's GRU against PyTorch (and JAX/Flax when installed)",
+        description="Train, inference and generation throughput of grumpy, torch.nn.GRU and JAX/Flax "
+        "on a character language-model step (T=100, I=V=65, float32), each in its own process.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=main)

@@ -1,0 +1,45 @@
+"""Smoke test of `grumpy bench --quick`: the table's structure, never its timings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_quick_table_and_json(tmp_path):
+    out_json = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--quick", "--repeats", "1", "--sides", "grumpy,torch",
+         "--json", str(out_json)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:6] == ["measure", "H", "B", "grumpy tok/s", "torch tok/s", "JAX tok/s"]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:] if ln.startswith("| ")]
+    assert {r[0] for r in rows} == {"train", "infer", "gen"}
+    assert all(len(r) == len(header) for r in rows)
+    res = json.loads(out_json.read_text())
+    assert "grumpy" in res["sides"] and "torch" in res["sides"]
+    for p in res["points"]:
+        assert not p["error"], p["error"]
+        for side in res["sides"]:
+            assert p["tok_s"][side] > 0
+    for side in res["sides"]:
+        assert res["memory"][side]["step_peak_mb"] >= 0
+    assert res["roofline_gflops"] > 0
+    assert "Peak memory" in proc.stdout and "Roofline" in proc.stdout
+
+
+def test_bench_rejects_unknown_side():
+    from grumpy.cli import main
+
+    assert main(["bench", "--sides", "grumpy,tensorflow"]) == 2
