@@ -353,8 +353,8 @@ def _worker() -> None:
 class Worker:
     """The parent's handle on one side's child process."""
 
-    def __init__(self, side: str, threads: int) -> None:
-        env = dict(os.environ)
+    def __init__(self, side: str, threads: int, extra_env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, **(extra_env or {}))
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         env["PJRT_NPROC"] = str(threads)  # XLA's CPU thread count
