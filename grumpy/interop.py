@@ -140,8 +140,11 @@ def from_torch_state_dict(
     u = arrays["weight_hh_l0"]
     if u.ndim != 2 or u.shape[0] != 3 * u.shape[1]:
         raise ValueError(f"from_torch_state_dict: weight_hh_l0 has shape {u.shape}, expected (3H, H)")
-    if w.ndim != 2:
-        raise ValueError(f"from_torch_state_dict: weight_ih_l0 has shape {w.shape}, expected (3H, I)")
+    if w.ndim != 2 or w.shape[0] != u.shape[0]:
+        raise ValueError(
+            f"from_torch_state_dict: weight_ih_l0 has shape {w.shape}, expected (3H, I) = ({u.shape[0]}, I) "
+            f"(H={u.shape[1]} from weight_hh_l0)"
+        )
     return _gru_from_state(
         arrays, input_size=w.shape[1], hidden_size=u.shape[1], num_layers=num_layers, bias=bias,
         bidirectional=bidirectional, reset_after=True, dtype=_pick_dtype(dtype, list(arrays.values())),
@@ -420,7 +423,9 @@ def from_keras(layers: Any, *, dtype: Any = None) -> GRU:
     for i, pair in enumerate(grus):
         if not all(g.built for g in pair):
             raise ValueError(f"from_keras: Keras layer {i} is not built yet (call it on an input first)")
-    weights = [[w for g in pair for w in g.get_weights()] for pair in grus]
+    # Each variable's backend tensor (v.value), not get_weights(): Keras' own
+    # NumPy conversion of variables warns under NumPy 2 with the torch backend.
+    weights = [[v.value for g in pair for v in g.weights] for pair in grus]
     return from_keras_weights(weights, reset_after=reset_after, bidirectional=bidirectional, bias=bias, dtype=dtype)
 
 
