@@ -132,7 +132,7 @@ def test_char_model_step_by_step_generation(embedding_dim, num_layers, reset_aft
     agree at every step, and with grumpy's full-sequence run over the same text."""
     m = char_model(embedding_dim, num_layers, reset_after, seed=1)
     sess = session(export_char_model(m, vocab=VOCAB))
-    B, steps = 2, 25
+    steps = 25
     cur = np.array([[3, 7]])  # (1, B)
     h_ort, h_np = None, None
     fed, step_logits = [cur], []
@@ -148,7 +148,6 @@ def test_char_model_step_by_step_generation(embedding_dim, num_layers, reset_aft
     full, _ = m(np.concatenate(fed[:-1]))
     np.testing.assert_allclose(np.stack(step_logits), full, atol=TOL, rtol=0)
     assert len({tuple(c[0]) for c in fed}) > 1  # it generated more than one character
-    assert B == fed[0].shape[1]
 
 
 def test_export_bad_input(tmp_path):
