@@ -124,7 +124,7 @@ def _structure_from_state(state: Mapping[str, Any], where: str) -> tuple[int, bo
 
 
 def from_torch_state_dict(
-    state: Mapping[str, Any], *, dtype: Any = None, batch_first: bool = False
+    state: Mapping[str, Any], *, dtype: Any = None, batch_first: bool = False, dropout: float = 0.0
 ) -> GRU:
     """A ``grumpy.GRU`` (reset_after=True, PyTorch's form) from a ``torch.nn.GRU`` state dict.
 
@@ -148,7 +148,7 @@ def from_torch_state_dict(
     return _gru_from_state(
         arrays, input_size=w.shape[1], hidden_size=u.shape[1], num_layers=num_layers, bias=bias,
         bidirectional=bidirectional, reset_after=True, dtype=_pick_dtype(dtype, list(arrays.values())),
-        batch_first=batch_first,
+        batch_first=batch_first, dropout=dropout,
     )
 
 
@@ -163,12 +163,13 @@ def from_torch(module: Any, *, dtype: Any = None) -> GRU:
             f"from_torch: expected a torch.nn.GRU, got {type(module).__name__} "
             f"(for a state dict use from_torch_state_dict)"
         )
-    gru = from_torch_state_dict(module.state_dict(), dtype=dtype, batch_first=module.batch_first)
+    gru = from_torch_state_dict(
+        module.state_dict(), dtype=dtype, batch_first=module.batch_first, dropout=module.dropout
+    )
     want = (module.input_size, module.hidden_size, module.num_layers, module.bidirectional, module.bias)
     got = (gru.input_size, gru.hidden_size, gru.num_layers, gru.bidirectional, gru.bias)
     if want != got:  # only a module with hand-edited parameters could get here
         raise ValueError(f"from_torch: module attributes {want} disagree with its parameters {got}")
-    gru.dropout = float(module.dropout)
     return gru
 
 

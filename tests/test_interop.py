@@ -95,6 +95,7 @@ def test_torch_state_dict_of_numpy_arrays_and_float64(torch):
     assert interop.to_torch(g).weight_ih_l1.dtype == torch.float64
     g32 = interop.from_torch_state_dict(state, dtype=np.float32)
     assert g32.dtype == np.float32
+    assert interop.from_torch(torch.nn.GRU(2, 3, 2, dropout=0.25)).dropout == 0.25
 
 
 def test_torch_safetensors(torch, tmp_path):

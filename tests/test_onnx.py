@@ -208,3 +208,13 @@ def test_cli_export(tmp_path, capsys, fake_checkpoints):
     err = capsys.readouterr().err
     assert err.startswith("grumpy export: error: cannot load checkpoint") and "not a grumpy checkpoint" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    """Through the real checkpoint loader (skipped until grumpy.checkpoint exists)."""
+    pytest.importorskip("grumpy.checkpoint")
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"\x00" * 64)
+    assert cli.main(["export", str(bogus), str(tmp_path / "m.onnx")]) == 2
+    assert "grumpy export: error: cannot load checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
