@@ -296,6 +296,9 @@ def _run_export(args: Any) -> int:
         raise UsageError(str(e)) from e
     if os.path.exists(args.out) and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to overwrite it")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"OUT.onnx: folder {folder} does not exist")
     try:
         model, meta = load_model(args.checkpoint)
     except (OSError, ValueError) as e:
@@ -303,7 +306,10 @@ def _run_export(args: Any) -> int:
     vocab = meta.get("vocab") if isinstance(meta, dict) else None
     if vocab is None:
         raise UsageError(f"checkpoint {args.checkpoint!r} has no vocabulary; cannot export a decodable model")
-    export_char_model(model, args.out, vocab=vocab, opset=args.opset)
+    try:
+        export_char_model(model, args.out, vocab=vocab, opset=args.opset)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     c = model.config
     print(
         f"wrote {args.out}: {c.num_layers}-layer GRU (hidden {c.hidden_size}, "

@@ -209,6 +209,12 @@ def test_cli_export(tmp_path, capsys, fake_checkpoints):
     assert err.startswith("grumpy export: error: cannot load checkpoint") and "not a grumpy checkpoint" in err
     assert not (tmp_path / "x.onnx").exists()
 
+    good = str(tmp_path / "good.ckpt")
+    assert cli.main(["export", good, str(tmp_path / "y.onnx"), "--opset", "9"]) == 2
+    assert "opset: expected an integer in [15," in capsys.readouterr().err
+    assert cli.main(["export", good, str(tmp_path / "no" / "y.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
 
 def test_cli_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     """Through the real checkpoint loader (skipped until grumpy.checkpoint exists)."""
