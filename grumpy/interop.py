@@ -305,6 +305,7 @@ def from_keras_weights(
                 f"from_keras_weights: layer {layer}: expected {D * per_dir} arrays "
                 f"({parts}{' for the forward then the backward layer' if D == 2 else ''}; "
                 f"bidirectional={bidirectional}, bias={bias}), found {found}"
+                + (" (wrap a single layer's get_weights() in a list)" if isinstance(ws, np.ndarray) else "")
             )
         for d in range(D):
             where = f"from_keras_weights: layer {layer}" + (f" ({_DIRECTIONS[d]})" if D == 2 else "")

@@ -291,6 +291,8 @@ def test_keras_bad_input():
         interop.from_keras_weights([[k, r.T, b_after]], reset_after=True)
     with pytest.raises(ValueError, match=r"layer 1: kernel has shape \(3, 6\), expected .* = \(2, 6\)"):
         interop.from_keras_weights([[k, r, b_after], [k, r, b_after]], reset_after=True)
+    with pytest.raises(ValueError, match=r"found ndarray \(wrap a single layer's get_weights\(\) in a list\)"):
+        interop.from_keras_weights([k, r, b_after], reset_after=True)
     with pytest.raises(ValueError, match="one list of arrays per layer"):
         interop.from_keras_weights([], reset_after=True)
 
