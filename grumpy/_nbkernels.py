@@ -43,10 +43,11 @@ def sigm32(x):  # type: ignore[no-untyped-def]
     return _HALF + _HALF * tanh32(_HALF * x)
 
 
-def _gates_forward(gi, gh, bhh, hp, ho, g, hn, m):  # type: ignore[no-untyped-def]
-    """One step's gate math, fused: gi (B, 3H) input projections incl. b_ih, gh (B, 3H)
-    = h W_hh^T, hp (B, H) the state in -> ho (B, H) the state out, g (B, 3H) = [r, z, n],
-    hn (B, H) = W_hn h + b_hn; m (B,) the mask (1 valid, 0 padding) or (0,) for none.
+def _gates_forward(g, gh, bhh, hp, ho, hn, m):  # type: ignore[no-untyped-def]
+    """One step's gate math, fused and in place: g (B, 3H) holds the input projections
+    (incl. b_ih) on entry and [r, z, n] on exit; gh (B, 3H) = h W_hh^T; hp (B, H) the
+    state in -> ho (B, H) the state out; hn (B, H) = W_hn h + b_hn; m (B,) the mask
+    (1 valid, 0 padding) or (0,) for none.
 
     Three short loops per row rather than one: with fewer arrays per loop LLVM's
     aliasing checks stay within its budget and the loops vectorise (2.5x measured)."""
@@ -54,13 +55,13 @@ def _gates_forward(gi, gh, bhh, hp, ho, g, hn, m):  # type: ignore[no-untyped-de
     masked = m.shape[0] > 0
     for b in prange(B):
         mb = m[b] if masked else _ONE
-        gb, gib, ghb, hnb, hpb, hob = g[b], gi[b], gh[b], hn[b], hp[b], ho[b]
+        gb, ghb, hnb, hpb, hob = g[b], gh[b], hn[b], hp[b], ho[b]
         for j in range(2 * H):
-            gb[j] = sigm32(gib[j] + ghb[j] + bhh[j])  # r, z
+            gb[j] = sigm32(gb[j] + ghb[j] + bhh[j])  # r, z
         for j in range(H):
             a = ghb[2 * H + j] + bhh[2 * H + j]
             hnb[j] = a
-            gb[2 * H + j] = tanh32(gib[2 * H + j] + gb[j] * a)  # n
+            gb[2 * H + j] = tanh32(gb[2 * H + j] + gb[j] * a)  # n
         for j in range(H):
             h = hpb[j]
             n = gb[2 * H + j]
@@ -100,16 +101,16 @@ gates_backward_parallel = njit(fastmath=True, error_model="numpy", cache=True, p
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def forward_loop(gi, whh_t, bhh, hs, gates, hn_all, mask, reverse, gh):  # type: ignore[no-untyped-def]
+def forward_loop(gates, whh_t, bhh, hs, hn_all, mask, reverse, gh):  # type: ignore[no-untyped-def]
     """The whole time loop, for small sizes (see :func:`_gates_forward` for the arrays;
-    mask (T, B) or (T, 0)); hs (T+1, B, H) holds h0 on entry."""
-    T = gi.shape[0]
+    mask (T, B) or (T, 0)); hs (T+1, B, H) holds h0 on entry, gates the input projections."""
+    T = gates.shape[0]
     for step in range(T):
         t = T - 1 - step if reverse else step
         ip = t + 1 if reverse else t
         io = t if reverse else t + 1
         np.dot(hs[ip], whh_t, gh)
-        gates_forward_serial(gi[t], gh, bhh, hs[ip], hs[io], gates[t], hn_all[t], mask[t])
+        gates_forward_serial(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], mask[t])
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)

@@ -89,14 +89,18 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
     h0 = np.zeros((1, B, H), np.float32)
 
     if mode == "gen":
-        gru.eval()
-        x1 = x[:1, :1]
-        state = {"h": h0}
+        # The lean single-step path (no cache, no layer checks), as `grumpy sample` uses it.
+        from grumpy.kernels import gru_step
+
+        p = gru.params
+        w_ih, w_hh, b_ih, b_hh = p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"]
+        x1 = x[0, 0]
+        state = {"h": np.zeros(H, np.float32)}
 
         def gen() -> np.ndarray:
-            out, h = gru.forward(x1, state["h"])
+            h = gru_step(x1, state["h"], w_ih, w_hh, b_ih, b_hh)
             state["h"] = h
-            return out[0] @ W.T + b
+            return W @ h + b
 
         return gen
 
@@ -397,6 +401,7 @@ def run(
     sides: list[str] | None = None,
     repeats: int | None = None,
     threads: int | None = None,
+    measures: tuple[str, ...] = ("train", "infer", "gen", "memory"),
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-ready dict (see :func:`to_markdown`)."""
@@ -423,9 +428,8 @@ def run(
             result["matmul_gflops"][s] = w.ask(op="matmul").get("gflops")
             versions[s] = _version(s)
         result["machine"]["versions"] = versions
-        plan = [("train", H, B) for H in grid["H"] for B in grid["B"]]
-        plan += [("infer", H, B) for H in grid["H"] for B in grid["B"]]
-        plan += [("gen", H, 1) for H in grid["gen_H"]]
+        plan = [(m, H, B) for m in ("train", "infer") if m in measures for H in grid["H"] for B in grid["B"]]
+        plan += [("gen", H, 1) for H in grid["gen_H"] if "gen" in measures]
         for mode, H, B in plan:
             T = 1 if mode == "gen" else T_STEPS
             point: dict[str, Any] = {"mode": mode, "H": H, "B": B, "T": T, "tok_s": {}, "error": {}}
@@ -453,7 +457,7 @@ def run(
             w.close()
     mH, mB = grid["mem"]
     result["memory"]["point"] = {"H": mH, "B": mB}
-    for s in active:  # a fresh process per side: nothing else in its heap
+    for s in active if "memory" in measures else []:  # a fresh process per side: nothing else in its heap
         w = Worker(s, threads)
         try:
             result["memory"][s] = w.ask(op="memory", H=mH, B=mB, T=T_STEPS)
@@ -545,6 +549,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {','.join(SIDES)} (default: all that are installed)")
     p.add_argument("--repeats", type=int, default=None, help="timed samples per side and point (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=None, help="threads per side (default: all cores)")
+    p.add_argument("--measures", default="train,infer,gen,memory",
+                   help="comma-separated subset of train,infer,gen,memory (default: all)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -558,8 +564,11 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--repeats: expected a positive integer, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
+    measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    if not measures or any(m not in ("train", "infer", "gen", "memory") for m in measures):
+        raise UsageError(f"--measures: expected a comma-separated subset of train,infer,gen,memory, got {args.measures!r}")
     t0 = time.perf_counter()
-    res = run(quick=args.quick, sides=sides, repeats=args.repeats, threads=args.threads,
+    res = run(quick=args.quick, sides=sides, repeats=args.repeats, threads=args.threads, measures=measures,
               log=lambda s: print(s, file=sys.stderr, flush=True))
     res["wall_s"] = time.perf_counter() - t0
     sys.stdout.write(to_markdown(res))

@@ -113,19 +113,19 @@ def gru_sequence_forward(
         nb = _numba()
         hs = np.empty((T + 1, B, H), dt)
         hs[T if reverse else 0] = h0
-        gates = np.empty((T, B, 3 * H), dt)
+        gates = gi  # the gates overwrite the input projections in place: one (T, B, 3H) array less
         hn_all = np.empty((T, B, H), dt)
         bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
         m2 = _mask2(mask, T, dt)
         gh = np.empty((B, 3 * H), dt)
         if B * H * 3 * H <= LOOP_MAX_MACS:
-            nb.forward_loop(gi, whh_t, bhh, hs, gates, hn_all, m2, reverse, gh)
+            nb.forward_loop(gates, whh_t, bhh, hs, hn_all, m2, reverse, gh)
         else:
             fused = nb.gates_forward_parallel if B * H >= PARALLEL_MIN else nb.gates_forward_serial
             for t in range(T - 1, -1, -1) if reverse else range(T):
                 ip, io = (t + 1, t) if reverse else (t, t + 1)
                 np.matmul(hs[ip], whh_t, out=gh)
-                fused(gi[t], gh, bhh, hs[ip], hs[io], gates[t], hn_all[t], m2[t])
+                fused(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], m2[t])
         _, h_out = _state_views(hs, reverse)
         output = h_out * mask if mask is not None else h_out.copy()
         h_last = hs[0 if reverse else T].copy()
@@ -332,3 +332,50 @@ def _backward_compiled(
         grads["bias_ih"] = np.concatenate([db_hh[: 2 * H], dan2.sum(0)])
         grads["bias_hh"] = db_hh
     return dx.reshape(x.shape), dh, grads
+
+
+# From this hidden size on, the single-stream step splits its rows over all cores:
+# at H=1024 the step streams 12 MB of weights, and two cores draw more bandwidth.
+STEP_PARALLEL_MIN = 512
+
+
+def gru_step(
+    x: np.ndarray,
+    h: np.ndarray,
+    weight_ih: np.ndarray,
+    weight_hh: np.ndarray,
+    bias_ih: np.ndarray | None = None,
+    bias_hh: np.ndarray | None = None,
+    *,
+    reset_after: bool = True,
+) -> np.ndarray:
+    """One GRU step without a cache, for generation: x (I,) or (B, I), h (H,) or (B, H)
+    -> the new state, shaped like h.
+
+    A single float32 stream (x 1-d) runs one compiled pass: the three gates'
+    matrix-vector products and the gate math fused, no temporaries; anything else
+    goes through the reference :func:`grumpy.cell.gru_cell_forward`.
+    """
+    from grumpy.cell import gru_cell_forward
+
+    x = np.asarray(x)
+    h = np.asarray(h)
+    H = h.shape[-1]
+    dt = h.dtype
+    if x.ndim == 1 and h.ndim == 1 and x.dtype == dt and weight_hh.dtype == dt and use_compiled(dt, reset_after):
+        nb = _numba()
+        out = np.empty(H, dt)
+        fn = nb.step_parallel if H >= STEP_PARALLEL_MIN else nb.step_serial
+        fn(
+            np.ascontiguousarray(x), np.ascontiguousarray(h),
+            np.ascontiguousarray(weight_ih), np.ascontiguousarray(weight_hh),
+            bias_ih if bias_ih is not None else np.zeros(3 * H, dt),
+            bias_hh if bias_hh is not None else np.zeros(3 * H, dt),
+            out,
+        )
+        return out
+    h_new, _ = gru_cell_forward(
+        x.reshape(-1, x.shape[-1]), h.reshape(-1, H), weight_ih, weight_hh, bias_ih, bias_hh,
+        reset_after=reset_after,
+    )
+    return h_new.reshape(h.shape)
