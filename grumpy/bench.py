@@ -43,6 +43,9 @@ V_SIZE = 65  # classes
 T_STEPS = 100
 LR = 0.01
 SIDES = ("grumpy", "torch", "jax")
+# An optional extra side: grumpy with its compiled path switched off (GRUMPY_NUMBA=0),
+# i.e. the pure NumPy kernels, as a baseline measured in the same run.
+EXTRA_SIDES = ("numpy",)
 
 FULL = {"H": [64, 256, 1024], "B": [1, 32, 128], "gen_H": [256, 1024], "mem": (1024, 128)}
 QUICK = {"H": [64], "B": [1, 32], "gen_H": [256], "mem": (64, 32)}
@@ -78,7 +81,7 @@ def _data(T: int, B: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
     from grumpy.layers import GRU
-    from grumpy.model import cross_entropy
+    from grumpy.model import cross_entropy, log_softmax
 
     gru = GRU(I_SIZE, H, dtype=np.float32, seed=0)
     rng = np.random.default_rng(1)
@@ -104,20 +107,25 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
 
         return gen
 
-    def forward_loss() -> tuple[float, np.ndarray, np.ndarray]:
+    def logits_of() -> tuple[np.ndarray, np.ndarray]:
         out, _ = gru.forward(x, h0)
         out2 = out.reshape(T * B, H)
         logits = out2 @ W.T
         logits += b
-        loss, d = cross_entropy(logits, y.reshape(-1))
-        return loss, d, out2
+        return logits, out2
 
     if mode == "infer":
         gru.eval()
-        return lambda: forward_loss()[0]
+        rows, cols = np.arange(T * B), y.reshape(-1)
+
+        def infer() -> float:  # the loss alone: no softmax gradient
+            return -float(log_softmax(logits_of()[0])[rows, cols].mean())
+
+        return infer
 
     def train() -> float:
-        loss, d, out2 = forward_loss()
+        logits, out2 = logits_of()
+        loss, d = cross_entropy(logits, y.reshape(-1))
         dW = d.T @ out2
         db = d.sum(0)
         d_out = (d @ W).reshape(T, B, H)
@@ -240,7 +248,7 @@ def _jax_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
     return train
 
 
-BUILDERS = {"grumpy": _grumpy_side, "torch": _torch_side, "jax": _jax_side}
+BUILDERS = {"grumpy": _grumpy_side, "numpy": _grumpy_side, "torch": _torch_side, "jax": _jax_side}
 
 
 def _matmul_gflops(side: str, n: int = 2048, reps: int = 5) -> float:
@@ -388,7 +396,7 @@ class Worker:
 
 def available_sides() -> dict[str, str | None]:
     """Side -> None if it can run here, else why not."""
-    out: dict[str, str | None] = {"grumpy": None}
+    out: dict[str, str | None] = {"grumpy": None, "numpy": None}
     out["torch"] = None if importlib.util.find_spec("torch") else "torch not installed"
     missing = [m for m in ("jax", "flax") if importlib.util.find_spec(m) is None]
     out["jax"] = f"{' and '.join(missing)} not installed" if missing else None
@@ -402,10 +410,17 @@ def run(
     repeats: int | None = None,
     threads: int | None = None,
     measures: tuple[str, ...] = ("train", "infer", "gen", "memory"),
+    hidden: list[int] | None = None,
+    batch: list[int] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns a JSON-ready dict (see :func:`to_markdown`)."""
-    grid = QUICK if quick else FULL
+    """Run the benchmark; returns a JSON-ready dict (see :func:`to_markdown`).
+    ``hidden`` / ``batch`` replace the grid's H (train, infer, gen) / B (train, infer)."""
+    grid = dict(QUICK if quick else FULL)
+    if hidden:
+        grid["H"] = grid["gen_H"] = hidden
+    if batch:
+        grid["B"] = batch
     threads = threads or _cores()
     repeats = repeats or (3 if quick else 5)
     sample_s = 0.05 if quick else 0.25
@@ -414,6 +429,7 @@ def run(
     wanted = sides or list(SIDES)
     active = [s for s in wanted if avail.get(s) is None]
     skipped = {s: avail.get(s) or "not requested" for s in SIDES if s not in active}
+    extra = {"numpy": {"GRUMPY_NUMBA": "0"}}
     result: dict[str, Any] = {
         "machine": {"cores": _cores(), "threads": threads, "python": sys.version.split()[0]},
         "config": {"T": T_STEPS, "I": I_SIZE, "V": V_SIZE, "dtype": "float32", "quick": quick,
@@ -421,7 +437,7 @@ def run(
         "sides": active, "skipped": skipped, "points": [], "compile_s": {}, "matmul_gflops": {},
         "memory": {},
     }
-    workers = {s: Worker(s, threads) for s in active}
+    workers = {s: Worker(s, threads, extra.get(s)) for s in active}
     try:
         versions = {}
         for s, w in workers.items():
@@ -458,7 +474,7 @@ def run(
     mH, mB = grid["mem"]
     result["memory"]["point"] = {"H": mH, "B": mB}
     for s in active if "memory" in measures else []:  # a fresh process per side: nothing else in its heap
-        w = Worker(s, threads)
+        w = Worker(s, threads, extra.get(s))
         try:
             result["memory"][s] = w.ask(op="memory", H=mH, B=mB, T=T_STEPS)
         finally:
@@ -472,7 +488,7 @@ def run(
 def _version(side: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    names = {"grumpy": ["numpy"], "torch": ["torch"], "jax": ["jax", "flax"]}[side]
+    names = {"grumpy": ["numpy", "numba"], "numpy": ["numpy"], "torch": ["torch"], "jax": ["jax", "flax"]}[side]
     out = []
     for n in names:
         try:
@@ -500,24 +516,28 @@ def _ratio(a: float | None, b: float | None) -> str:
 def to_markdown(res: dict[str, Any]) -> str:
     """The result as a Markdown table (plus memory, roofline and compile lines)."""
     roof = res.get("roofline_gflops")
+    base = "numpy" in res["sides"]
     lines = [
-        "| measure | H | B | grumpy tok/s | torch tok/s | JAX tok/s | grumpy/torch | grumpy/JAX | % roofline |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| measure | H | B | grumpy tok/s | torch tok/s | JAX tok/s | grumpy/torch | grumpy/JAX | % roofline |"
+        + (" NumPy-path tok/s | grumpy/NumPy-path |" if base else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if base else ""),
     ]
     for p in res["points"]:
         r = p["tok_s"]
-        g, t, j = r.get("grumpy"), r.get("torch"), r.get("jax")
+        g, t, j, n = r.get("grumpy"), r.get("torch"), r.get("jax"), r.get("numpy")
         pct = "" if p["mode"] != "train" or not (roof and g) else f"{100 * g * flops_per_token(p['H']) / (roof * 1e9):.0f}%"
         lines.append(
             f"| {p['mode']} | {p['H']} | {p['B']} | {_fmt_rate(g)} | {_fmt_rate(t)} | {_fmt_rate(j)} "
-            f"| {_ratio(g, t)} | {_ratio(g, j)} | {pct} |"
+            f"| {_ratio(g, t)} | {_ratio(g, j)} | {pct} |" + (f" {_fmt_rate(n)} | {_ratio(g, n)} |" if base else "")
         )
     mem = res.get("memory", {})
     out = ["\n".join(lines), ""]
     if mem.get("point"):
         mp = mem["point"]
         parts = []
-        for s in SIDES:
+        for s in SIDES + EXTRA_SIDES:
+            if s not in res["sides"] and s in EXTRA_SIDES:
+                continue
             m = mem.get(s)
             parts.append(f"{s} {m['step_peak_mb']:.0f} MB" if m and "step_peak_mb" in m else f"{s} n/a")
         how = next((mem[s]["how"] for s in SIDES if s in mem and "how" in mem[s]), "")
@@ -546,9 +566,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a reduced grid (under a minute), e.g. as a smoke test")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--sides", default=",".join(SIDES),
-                   help=f"comma-separated subset of {','.join(SIDES)} (default: all that are installed)")
+                   help=f"comma-separated subset of {','.join(SIDES + EXTRA_SIDES)} (default: {','.join(SIDES)}, "
+                   "those installed); 'numpy' is grumpy with its compiled path off, a baseline column")
     p.add_argument("--repeats", type=int, default=None, help="timed samples per side and point (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=None, help="threads per side (default: all cores)")
+    p.add_argument("--hidden", default=None, help="comma-separated hidden sizes replacing the grid's")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes replacing the grid's")
     p.add_argument("--measures", default="train,infer,gen,memory",
                    help="comma-separated subset of train,infer,gen,memory (default: all)")
 
@@ -557,9 +580,10 @@ def main(args: argparse.Namespace) -> int:
     from grumpy.cli import UsageError
 
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    bad = [s for s in sides if s not in SIDES]
+    bad = [s for s in sides if s not in SIDES + EXTRA_SIDES]
     if bad or not sides:
-        raise UsageError(f"--sides: expected a comma-separated subset of {','.join(SIDES)}, got {args.sides!r}")
+        raise UsageError(
+            f"--sides: expected a comma-separated subset of {','.join(SIDES + EXTRA_SIDES)}, got {args.sides!r}")
     if args.repeats is not None and args.repeats < 1:
         raise UsageError(f"--repeats: expected a positive integer, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
@@ -567,8 +591,18 @@ def main(args: argparse.Namespace) -> int:
     measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
     if not measures or any(m not in ("train", "infer", "gen", "memory") for m in measures):
         raise UsageError(f"--measures: expected a comma-separated subset of train,infer,gen,memory, got {args.measures!r}")
+    sizes = {}
+    for name in ("hidden", "batch"):
+        text = getattr(args, name)
+        try:
+            sizes[name] = [int(v) for v in text.split(",")] if text else None
+        except ValueError:
+            raise UsageError(f"--{name}: expected comma-separated positive integers, got {text!r}") from None
+        if sizes[name] is not None and min(sizes[name]) < 1:
+            raise UsageError(f"--{name}: expected comma-separated positive integers, got {text!r}")
     t0 = time.perf_counter()
     res = run(quick=args.quick, sides=sides, repeats=args.repeats, threads=args.threads, measures=measures,
+              hidden=sizes["hidden"], batch=sizes["batch"],
               log=lambda s: print(s, file=sys.stderr, flush=True))
     res["wall_s"] = time.perf_counter() - t0
     sys.stdout.write(to_markdown(res))

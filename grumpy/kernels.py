@@ -31,9 +31,10 @@ import numpy as np
 from grumpy._util import sigmoid
 
 _NB = None  # grumpy._nbkernels once imported; False when numba is missing or disabled
-# Use the parallel (both cores) variants from this many batch x hidden elements per
-# step on: below it, waking a second thread costs more than it saves.
-PARALLEL_MIN = 8192
+# Use the parallel (both cores) gate kernels from this many batch x hidden elements
+# per step on. Off by default: a second thread pool beside BLAS's (whose threads
+# spin between the step's products) oversubscribed two cores and measured slower.
+PARALLEL_MIN = 1 << 62
 # Up to this many multiply-adds per step (B * H * 3H) the whole time loop runs
 # compiled (numba calling BLAS); above it the loop is Python's and the products
 # NumPy's, whose BLAS measured up to 1.6x faster on large products than the one
