@@ -39,7 +39,7 @@ PARALLEL_MIN = 1 << 62
 # compiled (numba calling BLAS); above it the loop is Python's and the products
 # NumPy's, whose BLAS measured up to 1.6x faster on large products than the one
 # numba calls, while the per-step Python cost no longer matters.
-LOOP_MAX_MACS = 1 << 21
+LOOP_MAX_MACS = 1 << 19
 
 
 def _numba():  # type: ignore[no-untyped-def]
