@@ -154,3 +154,18 @@ def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):  # type: ignore[no-untyped-def]
 
 step_serial = njit(fastmath=True, error_model="numpy", cache=True)(_step)
 step_parallel = njit(fastmath=True, error_model="numpy", cache=True, parallel=True)(_step)
+
+
+def _matvec(w, v, out):  # type: ignore[no-untyped-def]
+    """out (N,) = w (N, K) @ v (K,) as contiguous row dot products, rows split over
+    the cores: one stream's recurrent product streams the whole weight matrix from
+    memory, and two cores draw more bandwidth than one BLAS gemv did."""
+    N, K = w.shape
+    for i in prange(N):
+        acc = np.float32(0.0)
+        for k in range(K):
+            acc += w[i, k] * v[k]
+        out[i] = acc
+
+
+matvec_parallel = njit(fastmath=True, error_model="numpy", cache=True, parallel=True)(_matvec)

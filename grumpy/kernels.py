@@ -32,14 +32,15 @@ from grumpy._util import sigmoid
 
 _NB = None  # grumpy._nbkernels once imported; False when numba is missing or disabled
 # Use the parallel (both cores) gate kernels from this many batch x hidden elements
-# per step on. Off by default: a second thread pool beside BLAS's (whose threads
-# spin between the step's products) oversubscribed two cores and measured slower.
-PARALLEL_MIN = 1 << 62
+# per step on. Below it a second thread pool beside BLAS's (whose threads spin
+# between the step's products) oversubscribed two cores: -4..-11% at B=128, H=256,
+# +6..9% at B=128, H=1024 (A/B in child processes). GRUMPY_PARALLEL_MIN overrides.
+PARALLEL_MIN = int(os.environ.get("GRUMPY_PARALLEL_MIN", 1 << 16))
 # Up to this many multiply-adds per step (B * H * 3H) the whole time loop runs
 # compiled (numba calling BLAS); above it the loop is Python's and the products
 # NumPy's, whose BLAS measured up to 1.6x faster on large products than the one
 # numba calls, while the per-step Python cost no longer matters.
-LOOP_MAX_MACS = 1 << 19
+LOOP_MAX_MACS = int(os.environ.get("GRUMPY_LOOP_MAX_MACS", 1 << 19))
 
 
 def _numba():  # type: ignore[no-untyped-def]
@@ -123,12 +124,18 @@ def gru_sequence_forward(
             nb.forward_loop(gates, whh_t, bhh, hs, hn_all, m2, reverse, gh)
         else:
             fused = nb.gates_forward_parallel if B * H >= PARALLEL_MIN else nb.gates_forward_serial
+            whh = np.ascontiguousarray(weight_hh)
             for t in range(T - 1, -1, -1) if reverse else range(T):
                 ip, io = (t + 1, t) if reverse else (t, t + 1)
-                np.matmul(hs[ip], whh_t, out=gh)
+                if B == 1:  # one stream: a bandwidth-bound matrix-vector product
+                    nb.matvec_parallel(whh, hs[ip, 0], gh[0])
+                else:
+                    np.matmul(hs[ip], whh_t, out=gh)
                 fused(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], m2[t])
         _, h_out = _state_views(hs, reverse)
-        output = h_out * mask if mask is not None else h_out.copy()
+        # A view of the states, not a copy (52 MB at T=100, B=128, H=1024, and its page
+        # faults): callers must not write into the output before the backward pass.
+        output = h_out * mask if mask is not None else h_out
         h_last = hs[0 if reverse else T].copy()
         return output, h_last, SeqCache(x, hs, gates, hn_all, mask, reverse, reset_after)
     w_rz_t = whh_t[:, : 2 * H] if not reset_after else None
@@ -313,9 +320,13 @@ def _backward_compiled(
         nb.backward_loop(d_output, hs, gates, hn_all, m2, reverse, whh, dgh, da_n, dh, dhh)
     else:
         fused = nb.gates_backward_parallel if B * H >= PARALLEL_MIN else nb.gates_backward_serial
+        whh_t = np.ascontiguousarray(weight_hh.T) if B == 1 else None
         for t in range(T) if reverse else range(T - 1, -1, -1):
             fused(d_output[t], hs[t + 1 if reverse else t], gates[t], hn_all[t], m2[t], dh, dgh[t], da_n[t])
-            np.matmul(dgh[t], whh, out=dhh)
+            if B == 1:
+                nb.matvec_parallel(whh_t, dgh[t, 0], dhh[0])
+            else:
+                np.matmul(dgh[t], whh, out=dhh)
             dh += dhh
 
     dgh2 = dgh.reshape(T * B, 3 * H)

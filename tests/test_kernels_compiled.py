@@ -85,3 +85,16 @@ def test_gru_step_matches_reference_cell(H):
     # batched and float64 calls take the reference path, exactly
     got64 = K.gru_step(x[None].astype(np.float64), h[None].astype(np.float64), *w)
     assert np.array_equal(got64, want)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_compiled_single_stream_per_step_matches_numpy_path(monkeypatch, reverse):
+    # B = 1 on the per-step branch uses the parallel row-wise matrix-vector kernel.
+    p = problem(np.random.default_rng(6), B=1, H=9, masked=True)
+    monkeypatch.setattr(K, "_NB", False)
+    want = run(p, reverse)
+    monkeypatch.setattr(K, "_NB", None)
+    monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
+    got = run(p, reverse)
+    for a, b in zip(got, want):
+        assert rel(a, b) < 2e-6
