@@ -131,7 +131,7 @@ def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):  # type: ignore[no-untyped-def]
     row by row (contiguous, vectorised), the gates fused in the same pass."""
     H = h.shape[0]
     I = x.shape[0]
-    for j in prange(H):
+    for j in range(H):
         ar = b_ih[j] + b_hh[j]
         az = b_ih[H + j] + b_hh[H + j]
         an = b_ih[2 * H + j]
@@ -153,19 +153,15 @@ def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):  # type: ignore[no-untyped-def]
 
 
 step_serial = njit(fastmath=True, error_model="numpy", cache=True)(_step)
-step_parallel = njit(fastmath=True, error_model="numpy", cache=True, parallel=True)(_step)
 
 
-def _matvec(w, v, out):  # type: ignore[no-untyped-def]
-    """out (N,) = w (N, K) @ v (K,) as contiguous row dot products, rows split over
-    the cores: one stream's recurrent product streams the whole weight matrix from
-    memory, and two cores draw more bandwidth than one BLAS gemv did."""
-    N, K = w.shape
-    for i in prange(N):
-        acc = np.float32(0.0)
-        for k in range(K):
-            acc += w[i, k] * v[k]
-        out[i] = acc
 
-
-matvec_parallel = njit(fastmath=True, error_model="numpy", cache=True, parallel=True)(_matvec)
+@njit(fastmath=True, error_model="numpy", cache=True)
+def step_gates(gi, gh, b_ih, b_hh, h, out):  # type: ignore[no-untyped-def]
+    """The gate math of one step for one stream, given gi = W_ih x and gh = W_hh h (3H,)."""
+    H = h.shape[0]
+    for j in range(H):
+        r = sigm32(gi[j] + b_ih[j] + gh[j] + b_hh[j])
+        z = sigm32(gi[H + j] + b_ih[H + j] + gh[H + j] + b_hh[H + j])
+        n = tanh32(gi[2 * H + j] + b_ih[2 * H + j] + r * (gh[2 * H + j] + b_hh[2 * H + j]))
+        out[j] = n + z * (h[j] - n)

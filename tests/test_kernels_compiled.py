@@ -72,7 +72,7 @@ def test_compiled_forward_matches_float64_reference_cell():
         assert rel(out[t], h) < 1e-6
 
 
-@pytest.mark.parametrize("H", [7, K.STEP_PARALLEL_MIN])
+@pytest.mark.parametrize("H", [7, K.STEP_BLAS_MIN])
 def test_gru_step_matches_reference_cell(H):
     rng = np.random.default_rng(5)
     p = problem(rng, T=1, B=1, I=11, H=H)
