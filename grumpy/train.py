@@ -404,7 +404,7 @@ def train(
     def say(msg: str) -> None:
         if log is not None:
             log(msg)
-        elif bar is not None:
+        elif bar is not None and not bar.disable:
             bar.write(msg)
         else:
             print(msg, flush=True)
@@ -555,7 +555,7 @@ def train(
     if progress and tqdm is not None:
         bar = tqdm(total=cfg.max_steps if by_steps else int(budget or 0), initial=step if by_steps else
                    int(elapsed_before), unit="step" if by_steps else "s", dynamic_ncols=True, leave=True,
-                   file=sys.stderr, desc="train")
+                   file=sys.stderr, desc="train", disable=None)  # None: no bar when stderr is not a terminal
     rate_t, rate_steps, chars_per_s = time.perf_counter(), 0, 0.0
     loss_avg: float | None = None
     try:
@@ -622,6 +622,7 @@ def train(
                     mf.write(json.dumps({"step": step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(gnorm, 5),
                                          "chars_per_s": round(chars_per_s),
                                          "elapsed": round(elapsed_before + now - t_start, 3)}) + "\n")
+                    mf.flush()
                 if bar is not None:
                     bar.set_postfix_str(f"loss {loss_avg:.3f}, {chars_per_s / 1000:.1f}k chars/s, lr {lr:.2e}",
                                         refresh=False)
