@@ -76,7 +76,7 @@ class TrainConfig:
     time_budget: float | None = 300.0  # seconds of wall time for the whole run; None: no limit
     eval_every: int = 200
     eval_batch_size: int = 32
-    sample_every: int = 1000
+    sample_every: int = 400
     sample_length: int = 200
     log_every: int = 10
     max_bad_steps: int = 5
@@ -641,11 +641,17 @@ def train(
             if stopped == "non_finite":
                 say(f"stopping: {cfg.max_bad_steps} non-finite steps in a row (try a lower --lr or clipping); "
                     f"the last good checkpoint is kept" + (f": {latest}" if os.path.exists(latest) else ""))
-            elif step > start_step or stopped == "interrupted":
-                if step % cfg.eval_every != 0 and step > start_step:
+            elif stopped == "interrupted":
+                save(latest)  # no validation run: the user wants out
+            elif step > start_step:
+                if step % cfg.eval_every != 0:
                     run_eval()
                 else:
                     save(latest)
+                if cfg.sample_length:
+                    txt = "".join(sample(model, vocab.chars, length=2 * cfg.sample_length, temperature=0.8,
+                                         seed=cfg.seed + step))
+                    say("---- sample ----\n" + txt + "\n----------------")
             if stopped == "interrupted":
                 say(f"interrupted at step {step}; checkpoint written. Continue with: grumpy train --resume "
                     f"{shlex.quote(latest)}")
@@ -724,14 +730,17 @@ def _sample_cmd(args: argparse.Namespace) -> int:
     if bad:
         raise UsageError(f"--prime: characters not in the model's vocabulary: {' '.join(repr(c) for c in bad)}")
     out = sys.stdout
-    out.write(args.prime)
-    for c in sample(model, meta["vocab"], prime=args.prime, length=args.length, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-        out.write(c)
-        if c == "\n" or not out.isatty():
-            out.flush()
-    out.write("\n")
-    out.flush()
+    try:
+        out.write(args.prime)
+        for c in sample(model, meta["vocab"], prime=args.prime, length=args.length, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+            out.write(c)
+            out.flush()  # stream: each character appears as soon as it is drawn
+        out.write("\n")
+        out.flush()
+    except BrokenPipeError:  # e.g. `grumpy sample ... | head`: the reader has had enough
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
     return 0
 
 
