@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars():  # type: ignore[no-untyped-def]
     # Imported here so that `import grumpy` stays NumPy-only and fast.
-    from grumpy import train
+    from grumpy import onnx_export, train
 
-    return [train.register]
+    return [train.register, onnx_export.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
