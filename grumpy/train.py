@@ -18,11 +18,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from grumpy.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, load_model, save_checkpoint
 from grumpy.data import (
     Position,
     StreamBatcher,
@@ -35,6 +34,12 @@ from grumpy.data import (
 )
 from grumpy.model import CharModel, ModelConfig, cross_entropy, log_softmax, sample_next
 from grumpy.optim import OPTIMIZERS, clip_grad_norm, clip_grad_value, grad_norm, lr_at, make_optimizer
+
+if TYPE_CHECKING:
+    from grumpy.checkpoint import Checkpoint
+
+# grumpy.checkpoint (and with it safetensors) is imported inside the functions that
+# need it, so building the command-line parser imports nothing beyond NumPy.
 
 LN2 = math.log(2.0)
 ARCH_FIELDS = ("hidden_size", "num_layers", "embedding_dim", "reset_after", "dtype")
@@ -204,6 +209,8 @@ def evaluate(
     vocabulary raise ValueError listing them.
     """
     if not isinstance(model, CharModel):
+        from grumpy.checkpoint import load_model
+
         model, meta = load_model(model)
         vocab = meta["vocab"]
     if vocab is None:
@@ -363,6 +370,8 @@ def plot_losses(metrics_path: str, png_path: str) -> str | None:
         return None
     import io
 
+    from grumpy.checkpoint import atomic_write_bytes
+
     rows = _read_metrics(metrics_path)
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -398,6 +407,8 @@ def train(
     ``stop_after``: pause after this many steps in this call (checkpoint and
     return), for chunked runs. Bad input raises :class:`ConfigError`.
     """
+    from grumpy.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+
     check_train_config(cfg)
     bar: Any = None
 
@@ -409,7 +420,7 @@ def train(
         else:
             print(msg, flush=True)
 
-    ck: Checkpoint | None = None
+    ck: "Checkpoint | None" = None
     if resume is not None:
         try:
             ck = load_checkpoint(resume)
@@ -668,6 +679,7 @@ def train(
 
 
 def _train_cmd(args: argparse.Namespace) -> int:
+    from grumpy.checkpoint import load_model
     from grumpy.cli import UsageError
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -712,6 +724,7 @@ def _train_cmd(args: argparse.Namespace) -> int:
 
 
 def _sample_cmd(args: argparse.Namespace) -> int:
+    from grumpy.checkpoint import load_model
     from grumpy.cli import UsageError
 
     try:
@@ -745,6 +758,7 @@ def _sample_cmd(args: argparse.Namespace) -> int:
 
 
 def _eval_cmd(args: argparse.Namespace) -> int:
+    from grumpy.checkpoint import load_model
     from grumpy.cli import UsageError
 
     try:
