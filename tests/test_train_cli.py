@@ -369,3 +369,15 @@ def test_estimate_loss_matches_one_long_sequence(trained):
     # many streams: every character still counted once
     r = evaluate(model, "the king\n" * 20, vocab=meta["vocab"], batch_size=6, seq_len=5)
     assert r["chars"] == len("the king\n" * 20) - 1
+
+
+def test_sample_to_a_closed_pipe(trained):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "grumpy", "sample", str(trained), "--length", "100000"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(p.stdout.read(10)) == 10  # streamed: output arrives long before 100000 characters are drawn
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=60) == 0
+    assert "Traceback" not in err
