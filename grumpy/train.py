@@ -362,10 +362,8 @@ def _read_metrics(path: str) -> list[dict[str, Any]]:
 def plot_losses(metrics_path: str, png_path: str) -> str | None:
     """Draw training and validation loss against step into ``png_path``; None if matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # Figure without pyplot: no global backend switch, no GUI, safe inside notebooks.
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     import io
@@ -375,7 +373,8 @@ def plot_losses(metrics_path: str, png_path: str) -> str | None:
     rows = _read_metrics(metrics_path)
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     if tr:
         ax.plot(*zip(*tr), lw=0.8, alpha=0.7, label="train")
     if va:
@@ -386,7 +385,6 @@ def plot_losses(metrics_path: str, png_path: str) -> str | None:
     ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
     atomic_write_bytes(png_path, buf.getvalue())
     return png_path
 
@@ -670,7 +668,12 @@ def train(
         if bar is not None:
             bar.close()
         mf.close()
-    plot = plot_losses(metrics_path, png_path) if step > start_step else None
+    plot = None
+    if step > start_step:
+        try:
+            plot = plot_losses(metrics_path, png_path)
+        except Exception as e:  # a plotting problem must not spoil a finished run
+            say(f"note: could not draw {png_path} ({e})")
     return TrainResult(out, step, best_val, latest if os.path.exists(latest) else None,
                        best_path if os.path.exists(best_path) else None, metrics_path, plot, stopped)
 
