@@ -448,7 +448,8 @@ def train(
         for f in ARCH_FIELDS:
             if getattr(stored, f) != getattr(cfg, f):
                 raise ConfigError(f"{opt(f)} {getattr(cfg, f)}: differs from the checkpoint's {getattr(stored, f)}")
-        saved_opt = ck.meta.get("optimizer", {}).get("name")
+        opt_meta = ck.meta.get("optimizer") if isinstance(ck.meta.get("optimizer"), dict) else {}
+        saved_opt = opt_meta.get("name")
         if saved_opt is not None and saved_opt != cfg.optimizer:
             raise ConfigError(f"--optimizer {cfg.optimizer}: differs from the checkpoint's {saved_opt}")
         if ck.hidden is not None and ck.hidden.shape[1] != cfg.batch_size:
@@ -482,7 +483,10 @@ def train(
         m = ck.meta
         step = int(m["step"])
         try:
-            optimizer.load_state_dict(ck.optim_state, int(m.get("optimizer", {}).get("t", 0)), model.params)
+            optimizer.load_state_dict(ck.optim_state, int(opt_meta.get("t", 0)), model.params)
+            if not ck.optim_state:
+                say(f"note: {resume} holds no optimiser state (resume from latest.safetensors to continue "
+                    "exactly); the optimiser starts afresh")
             if "dropout_rng" in m:
                 model.gru.rng.bit_generator.state = m["dropout_rng"]
             best_val = m.get("best_val_loss")
