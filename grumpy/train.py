@@ -808,47 +808,47 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", dest="out_dir", metavar="DIR", default=None,
                    help="output directory (default: runs/<TEXT_FILE stem>, or the --resume checkpoint's directory)")
     g = p.add_argument_group("model")
-    g.add_argument("--hidden-size", type=int, help=f"GRU units per layer (default {d.hidden_size})")
-    g.add_argument("--num-layers", type=int, help=f"stacked GRU layers (default {d.num_layers})")
-    g.add_argument("--embedding-dim", type=int, help=f"character embedding size (default {d.embedding_dim})")
+    g.add_argument("--hidden-size", type=int, metavar="N", help=f"GRU units per layer (default {d.hidden_size})")
+    g.add_argument("--num-layers", type=int, metavar="N", help=f"stacked GRU layers (default {d.num_layers})")
+    g.add_argument("--embedding-dim", type=int, metavar="N", help=f"character embedding size (default {d.embedding_dim})")
     g.add_argument("--one-hot", action="store_true", help="feed one-hot characters instead of an embedding")
     g.add_argument("--reset-before", action="store_true",
                    help="apply the reset gate before the recurrent product (Cho et al. 2014) instead of after")
-    g.add_argument("--dropout", type=float, help=f"dropout between GRU layers (default {d.dropout})")
+    g.add_argument("--dropout", type=float, metavar="X", help=f"dropout between GRU layers (default {d.dropout})")
     g.add_argument("--dtype", choices=("float32", "float64"), help=f"parameter type (default {d.dtype})")
     g = p.add_argument_group("data")
-    g.add_argument("--seq-len", type=int, help=f"characters per window (BPTT length) (default {d.seq_len})")
-    g.add_argument("--batch-size", type=int, help=f"parallel streams (default {d.batch_size})")
-    g.add_argument("--val-fraction", type=float, help=f"share of the text held out (default {d.val_fraction})")
+    g.add_argument("--seq-len", type=int, metavar="N", help=f"characters per window (BPTT length) (default {d.seq_len})")
+    g.add_argument("--batch-size", type=int, metavar="N", help=f"parallel streams (default {d.batch_size})")
+    g.add_argument("--val-fraction", type=float, metavar="X", help=f"share of the text held out (default {d.val_fraction})")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default {d.optimizer})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g})")
-    g.add_argument("--weight-decay", type=float, help="weight decay for adam/adamw (default 0 / 0.01)")
-    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"update rule (default {d.optimizer})")
+    g.add_argument("--lr", type=float, metavar="X", help=f"peak learning rate (default {d.lr:g})")
+    g.add_argument("--weight-decay", type=float, metavar="X", help="weight decay for adam/adamw (default 0 / 0.01)")
+    g.add_argument("--momentum", type=float, metavar="X", help=f"SGD momentum (default {d.momentum})")
     c = g.add_mutually_exclusive_group()
-    c.add_argument("--clip-norm", type=float, help=f"clip the global gradient norm to this (default {d.clip_norm})")
-    c.add_argument("--clip-value", type=float, help="clip each gradient entry to [-v, v] instead")
+    c.add_argument("--clip-norm", type=float, metavar="X", help=f"clip the global gradient norm to this (default {d.clip_norm})")
+    c.add_argument("--clip-value", type=float, metavar="X", help="clip each gradient entry to [-v, v] instead")
     g.add_argument("--schedule", choices=("cosine", "constant"),
                    help=f"learning rate after warm-up: cosine decay to --min-lr-ratio x lr, or constant "
                         f"(default {d.schedule})")
-    g.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default {d.warmup_steps})")
-    g.add_argument("--min-lr-ratio", type=float, help=f"final lr / peak lr for cosine (default {d.min_lr_ratio})")
+    g.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warm-up steps (default {d.warmup_steps})")
+    g.add_argument("--min-lr-ratio", type=float, metavar="X", help=f"final lr / peak lr for cosine (default {d.min_lr_ratio})")
     g = p.add_argument_group("run")
-    g.add_argument("--max-steps", type=int,
+    g.add_argument("--max-steps", type=int, metavar="N",
                    help="stop at this step, counting steps before a --resume (default: none; giving it "
                         "turns off the default time budget unless --time-budget is also given)")
     g.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help=f"stop after this much wall time, resumed parts included; 0 for no limit "
                         f"(default {d.time_budget:g})")
-    g.add_argument("--eval-every", type=int,
+    g.add_argument("--eval-every", type=int, metavar="N",
                    help=f"steps between validation runs and checkpoints (default {d.eval_every})")
-    g.add_argument("--eval-batch-size", type=int,
+    g.add_argument("--eval-batch-size", type=int, metavar="N",
                    help=f"streams the whole validation split is cut into (default {d.eval_batch_size})")
-    g.add_argument("--sample-every", type=int, help=f"steps between printed samples (default {d.sample_every})")
-    g.add_argument("--sample-length", type=int, help=f"characters per printed sample, 0 for none "
+    g.add_argument("--sample-every", type=int, metavar="N", help=f"steps between printed samples (default {d.sample_every})")
+    g.add_argument("--sample-length", type=int, metavar="N", help=f"characters per printed sample, 0 for none "
                                                       f"(default {d.sample_length})")
-    g.add_argument("--log-every", type=int, help=f"steps between metrics.jsonl lines (default {d.log_every})")
-    g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    g.add_argument("--log-every", type=int, metavar="N", help=f"steps between metrics.jsonl lines (default {d.log_every})")
+    g.add_argument("--seed", type=int, metavar="N", help=f"random seed (default {d.seed})")
     g.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue exactly from a checkpoint (settings not given default to the checkpoint's)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -857,12 +857,12 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("sample", help="generate text from a checkpoint",
                               description="Stream text from a trained model to stdout.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors file written by grumpy train")
-    p.add_argument("--prime", default="", help="text to start from (printed first)")
-    p.add_argument("--length", type=int, default=500, help="characters to generate (default 500)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, 0 for greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely characters")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with probability p")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh each run)")
+    p.add_argument("--prime", default="", metavar="TEXT", help="text to start from (printed first)")
+    p.add_argument("--length", type=int, metavar="N", default=500, help="characters to generate (default 500)")
+    p.add_argument("--temperature", type=float, metavar="X", default=0.8, help="softmax temperature, 0 for greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, metavar="N", default=None, help="sample only from the k most likely characters")
+    p.add_argument("--top-p", type=float, metavar="X", default=None, help="nucleus sampling: the smallest set with probability p")
+    p.add_argument("--seed", type=int, metavar="N", default=None, help="random seed (default: fresh each run)")
     p.set_defaults(func=_sample_cmd)
 
     p = subparsers.add_parser("eval", help="loss of a checkpoint on a text",
@@ -870,5 +870,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors file written by grumpy train")
     p.add_argument("text_file", metavar="TEXT_FILE", help="UTF-8 text to score")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--batch-size", type=int, default=32, help="streams the text is cut into (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="streams the text is cut into (default 32)")
     p.set_defaults(func=_eval_cmd)
