@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars():  # type: ignore[no-untyped-def]
     # Imported here so that `import grumpy` stays NumPy-only and fast.
-    return []
+    from grumpy import experiments
+
+    return [experiments.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
