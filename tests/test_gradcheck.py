@@ -1,0 +1,74 @@
+"""Finite-difference checks of every gradient, in float64."""
+
+import numpy as np
+import pytest
+
+from gru_helpers import GRID, grid_id, loss_of, make_problem, rel_err
+
+from grumpy.layers import gru_backward, gru_forward
+
+EPS = 1e-6
+TOL = 1e-6
+
+
+def numeric_grad(f, a: np.ndarray) -> np.ndarray:
+    """Central differences of scalar f() w.r.t. every entry of a (perturbed in place)."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + EPS
+        fp = f()
+        a[i] = old - EPS
+        fm = f()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * EPS)
+    return g
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=grid_id)
+def test_every_gradient_matches_finite_differences(cfg):
+    gru, x, h0, lengths, w_out, w_hn = make_problem(**cfg, seed=len(grid_id(cfg)))
+    gru.forward(x, h0, lengths=lengths)
+    dx, dh0 = gru.backward(w_out, w_hn)
+
+    def f():
+        return loss_of(gru, x, h0, lengths, w_out, w_hn)
+
+    assert rel_err(dx, numeric_grad(f, x)) < TOL
+    assert rel_err(dh0, numeric_grad(f, h0)) < TOL
+    for name, p in gru.params.items():
+        assert rel_err(gru.grads[name], numeric_grad(f, p)) < TOL, name
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_gradients_with_dropout_between_layers(reset_after):
+    # Dropout masks are fixed inputs of the pure function, so differences are well defined.
+    gru, x, h0, _, w_out, w_hn = make_problem(num_layers=3, bidirectional=True, reset_after=reset_after)
+    rng = np.random.default_rng(1)
+    T, B, _ = x.shape
+    masks = [None] + [(rng.random((T, B, 4)) < 0.6) / 0.6 for _ in range(2)]
+    kw = dict(num_layers=3, bidirectional=True, reset_after=reset_after, dropout_masks=masks)
+
+    def f():
+        out, h_n, _ = gru_forward(gru.params, x, h0, **kw)
+        return float((out * w_out).sum() + (h_n * w_hn).sum())
+
+    _, _, cache = gru_forward(gru.params, x, h0, **kw)
+    dx, dh0, grads = gru_backward(gru.params, cache, w_out, w_hn)
+    assert rel_err(dx, numeric_grad(f, x)) < TOL
+    assert rel_err(dh0, numeric_grad(f, h0)) < TOL
+    for name, p in gru.params.items():
+        assert rel_err(grads[name], numeric_grad(f, p)) < TOL, name
+
+
+def test_gradients_accumulate_until_zero_grad():
+    gru, x, h0, lengths, w_out, w_hn = make_problem()
+    gru.forward(x, h0)
+    gru.backward(w_out, w_hn)
+    once = {k: v.copy() for k, v in gru.grads.items()}
+    gru.forward(x, h0)
+    gru.backward(w_out, w_hn)
+    for k in once:
+        np.testing.assert_allclose(gru.grads[k], 2 * once[k], rtol=1e-12)
+    gru.zero_grad()
+    assert all(not g.any() for g in gru.grads.values())
