@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars():  # type: ignore[no-untyped-def]
     # Imported here so that `import grumpy` stays NumPy-only and fast.
-    from grumpy import onnx_export, train
+    from grumpy import experiments, onnx_export, train
 
-    return [train.register, onnx_export.register]
+    return [train.register, onnx_export.register, experiments.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
