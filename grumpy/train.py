@@ -618,6 +618,7 @@ def train(
                         f"step rejected, weights unchanged ({bad_in_a_row}/{cfg.max_bad_steps})")
                     h = model.init_state(cfg.batch_size)
                     if bad_in_a_row >= cfg.max_bad_steps:
+                        say(f"{cfg.max_bad_steps} rejected steps in a row")
                         stopped = "non_finite"
                         break
                     continue
@@ -626,7 +627,14 @@ def train(
                     clip_grad_norm(grads, cfg.clip_norm)
                 elif cfg.clip_value is not None:
                     clip_grad_value(grads, cfg.clip_value)
-                optimizer.step(model.params, grads, lr)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    optimizer.step(model.params, grads, lr)
+                if not all(np.isfinite(p).all() for p in model.params.values()):
+                    # Finite gradients, yet the update overflowed (a diverging run): these weights
+                    # are lost, the last checkpoint on disk is the last good state.
+                    say(f"step {step + 1}: the update made weights non-finite (lr {lr:g}); stopping")
+                    stopped = "non_finite"
+                    break
                 h = h_n
                 step += 1
                 rate_steps += 1
@@ -655,8 +663,8 @@ def train(
                         say("---- sample ----\n" + txt + "\n----------------")
                     rate_t += time.perf_counter() - t_eval  # keep chars/s about training only
             if stopped == "non_finite":
-                say(f"stopping: {cfg.max_bad_steps} non-finite steps in a row (try a lower --lr or clipping); "
-                    f"the last good checkpoint is kept" + (f": {latest}" if os.path.exists(latest) else ""))
+                say("stopping on non-finite values (try a lower --lr or clipping); the last good checkpoint is kept"
+                    + (f": {latest}" if os.path.exists(latest) else " (none was written yet)"))
             elif stopped == "interrupted":
                 save(latest)  # no validation run: the user wants out
             elif step > start_step:

@@ -230,6 +230,15 @@ def test_repeated_non_finite_stops_and_keeps_last_good_checkpoint(tmp_path, text
     assert ck.read_bytes() == before
 
 
+def test_overflowing_update_never_reaches_a_checkpoint(tmp_path, text_file):
+    msgs = []
+    res = train(tiny_cfg(text_file, tmp_path / "r", optimizer="sgd", lr=1e39, clip_norm=None, warmup_steps=0),
+                progress=False, log=msgs.append)
+    assert res.stopped == "non_finite" and res.step == 0
+    assert res.latest is None and res.best is None
+    assert any("non-finite" in m for m in msgs)
+
+
 def test_time_budget_stops_the_run(tmp_path, text_file, capsys):
     t0 = time.perf_counter()
     rc, stdout, _ = run(["train", text_file, "--out", tmp_path / "r", "--time-budget", "1", *TINY], capsys)
