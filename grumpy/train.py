@@ -86,6 +86,7 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5
     seed: int = 1337
+    threads: int | None = 1  # BLAS threads while training; None: leave BLAS as it is
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -127,6 +128,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     for n in ("hidden_size", "num_layers", "seq_len", "batch_size", "eval_every", "eval_batch_size",
               "sample_every", "log_every", "max_bad_steps"):
         positive_int(n)
+    positive_int("threads", allow_none=True)
     positive_int("embedding_dim", allow_zero=True)
     positive_int("warmup_steps", allow_zero=True)
     positive_int("sample_length", allow_zero=True)
@@ -309,6 +311,24 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+def blas_threads(n: int | None) -> Any:
+    """A context limiting BLAS to ``n`` threads (via threadpoolctl, when installed).
+
+    The recurrent products are small (B x H by H x 3H, once per step): extra BLAS
+    threads mostly add synchronisation, and when the cores are busy with other
+    work a multi-threaded step can be several times slower than a single-threaded one.
+    """
+    import contextlib
+
+    if n is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 def default_out_dir(text_file: str | None) -> str:
@@ -574,7 +594,7 @@ def train(
     rate_t, rate_steps, chars_per_s = time.perf_counter(), 0, 0.0
     loss_avg: float | None = None
     try:
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, blas_threads(cfg.threads):
             while True:
                 elapsed = elapsed_before + time.perf_counter() - t_start
                 if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -706,6 +726,8 @@ def _train_cmd(args: argparse.Namespace) -> int:
         explicit["reset_after"] = False
     if args.one_hot:
         explicit["embedding_dim"] = 0
+    if explicit.get("threads") == 0:
+        explicit["threads"] = None  # 0: BLAS's own default
     if explicit.get("time_budget") == 0:
         explicit["time_budget"] = None  # 0 means no limit
     base = TrainConfig()
@@ -859,6 +881,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--seed", type=int, metavar="N", help=f"random seed (default {d.seed})")
     g.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue exactly from a checkpoint (settings not given default to the checkpoint's)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help=f"BLAS threads while training; 0 leaves BLAS's own setting (default {d.threads}: "
+                        "the per-step products are small, more threads rarely help and hurt on a busy machine)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_cmd)
 

@@ -278,6 +278,7 @@ def bad_cases(tmp_path, text_file):
         (["train", text_file, "--time-budget", "-5"], "--time-budget"),
         (["train", text_file, "--eval-every", "0"], "--eval-every"),
         (["train", text_file, "--dropout", "1.5"], "--dropout"),
+        (["train", text_file, "--threads", "-1"], "--threads"),
         (["train", text_file, "--out", blocker / "sub"], "--out"),
         (["train", text_file, "--out", blocker], "--out"),
         (["sample", text_file], "CHECKPOINT"),
@@ -390,3 +391,12 @@ def test_sample_to_a_closed_pipe(trained):
     p.stderr.close()
     assert p.wait(timeout=60) == 0
     assert "Traceback" not in err
+
+
+def test_blas_threads_limit():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with gtrain.blas_threads(1):
+        blas = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+        assert all(i["num_threads"] == 1 for i in blas)
+    with gtrain.blas_threads(None):
+        pass
