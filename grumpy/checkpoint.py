@@ -173,7 +173,11 @@ def _read_header(path: str) -> tuple[dict[str, Any], int, int]:
         raise ValueError(f"{path}: not a valid safetensors file (header is not JSON; corrupted?)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a valid safetensors file (header is not a JSON object)")
-    data_len = size - 8 - n
+    return header, 8 + n, size
+
+
+def _check_tensor_entries(path: str, header: dict[str, Any], data_len: int) -> None:
+    """Every tensor entry must be well formed and lie inside the file's data section."""
     for name, t in header.items():
         if name == "__metadata__":
             continue
@@ -190,7 +194,6 @@ def _read_header(path: str) -> tuple[dict[str, Any], int, int]:
                 f"{path}: tensor {name!r} (shape {t['shape']}) does not fit in the file's data "
                 f"({data_len} bytes); truncated or corrupted?"
             )
-    return header, 8 + n, size
 
 
 def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -217,10 +220,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     ValueError naming the file and what is wrong.
     """
     path = os.fspath(path)
-    header, _, _ = _read_header(path)
+    header, data_start, size = _read_header(path)
     md = header.get("__metadata__")
     if not isinstance(md, dict) or META_KEY not in md or not isinstance(md[META_KEY], str):
         raise ValueError(f"{path}: a safetensors file, but not a grumpy checkpoint (no {META_KEY!r} metadata)")
+    _check_tensor_entries(path, header, size - data_start)
     try:
         meta = json.loads(md[META_KEY])
     except (json.JSONDecodeError, RecursionError):

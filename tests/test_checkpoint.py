@@ -185,6 +185,12 @@ def test_foreign_safetensors_file(tmp_path):
     save_file({"weight": np.zeros((3, 3), np.float32)}, q)
     with pytest.raises(ValueError, match="not a grumpy checkpoint"):
         load_model(q)
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as save_torch
+
+    save_torch({"w": torch.zeros(2, 2, dtype=torch.bfloat16)}, str(q))  # a dtype NumPy lacks
+    with pytest.raises(ValueError, match="not a grumpy checkpoint"):
+        load_model(q)
 
 
 def test_hostile_headers(tmp_path):
