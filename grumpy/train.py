@@ -332,8 +332,15 @@ def blas_threads(n: int | None) -> Any:
 
 
 def default_out_dir(text_file: str | None) -> str:
+    """runs/<text stem>, or runs/<stem>-2, -3, ... when earlier runs are there: a second
+    `grumpy train` must neither fail nor touch the first one's files."""
     stem = "shakespeare" if text_file is None else os.path.splitext(os.path.basename(text_file))[0] or "run"
-    return os.path.join("runs", stem)
+    base = os.path.join("runs", stem)
+    out, n = base, 1
+    while os.path.exists(out) and os.listdir(out):
+        n += 1
+        out = f"{base}-{n}"
+    return out
 
 
 def _prepare_out_dir(out: str, resuming_from: str | None) -> None:

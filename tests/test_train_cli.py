@@ -319,6 +319,16 @@ def test_existing_run_is_not_overwritten(tmp_path, text_file, capsys):
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == files
 
 
+def test_default_out_dir_never_reuses_a_run(tmp_path, text_file, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        rc, out, _ = run(["train", text_file, "--max-steps", "2", *TINY], capsys)
+        assert rc == 0
+    first, second = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny-2"
+    assert (first / "latest.safetensors").exists() and (second / "latest.safetensors").exists()
+    assert str(Path("runs") / "tiny-2" / "best.safetensors") in out
+
+
 # -- sample and eval ------------------------------------------------------------
 
 
