@@ -597,7 +597,10 @@ def train(
     if progress and tqdm is not None:
         bar = tqdm(total=cfg.max_steps if by_steps else int(budget or 0), initial=step if by_steps else
                    int(elapsed_before), unit="step" if by_steps else "s", dynamic_ncols=True, leave=True,
-                   file=sys.stderr, desc="train", disable=None)  # None: no bar when stderr is not a terminal
+                   file=sys.stderr, desc="train", disable=None,  # None: no bar when stderr is not a terminal
+                   # seconds per second says nothing: show progress, elapsed, ETA and the postfix only
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + ("steps" if by_steps else "s")
+                   + " [{elapsed}<{remaining}{postfix}]")
     rate_t, rate_steps, chars_per_s = time.perf_counter(), 0, 0.0
     loss_avg: float | None = None
     try:
