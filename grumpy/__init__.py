@@ -3,16 +3,22 @@
 from grumpy.cell import GRUCell, gru_cell_backward, gru_cell_forward
 from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 from grumpy.layers import GRU, gru_backward, gru_forward
+from grumpy.rnn import RNN, rnn_backward, rnn_forward, rnn_sequence_backward, rnn_sequence_forward
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GRU",
     "GRUCell",
+    "RNN",
     "gru_backward",
     "gru_cell_backward",
     "gru_cell_forward",
     "gru_forward",
     "gru_sequence_backward",
     "gru_sequence_forward",
+    "rnn_backward",
+    "rnn_forward",
+    "rnn_sequence_backward",
+    "rnn_sequence_forward",
 ]

@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars():  # type: ignore[no-untyped-def]
     # Imported here so that `import grumpy` stays NumPy-only and fast.
-    from grumpy import bench, onnx_export
+    from grumpy import bench, experiments, onnx_export, train
 
-    return [onnx_export.register, bench.register]
+    return [train.register, onnx_export.register, experiments.register, bench.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,107 @@
+"""The quality bar for `grumpy train`: a PyTorch GRU language model on the same data.
+
+Trains torch.nn.GRU (embedding -> GRU stack -> linear head) on grumpy's shipped
+corpus with grumpy's own split, batcher and validation procedure (the whole
+validation split, 32 streams with the state carried), for a wall-time budget,
+and prints the best validation loss reached by each checkpoint time. Time spent
+evaluating is not counted against torch's budget, which favours torch.
+
+    python benchmarks/torch_lm.py --minutes 5 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+from grumpy.data import StreamBatcher, Vocab, eval_windows, load_text, split_text
+
+
+class TorchCharModel(torch.nn.Module):
+    def __init__(self, V: int, E: int, H: int, L: int) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(V, E)
+        self.gru = torch.nn.GRU(E, H, L)
+        self.head = torch.nn.Linear(H, V)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, h = self.gru(self.embedding(x), h)
+        return self.head(out), h
+
+
+@torch.no_grad()
+def val_loss(model: TorchCharModel, ids: np.ndarray) -> float:
+    total, count, h = 0.0, 0, None
+    for x, y, reset in eval_windows(ids, 32, 100):
+        if reset or h is None:
+            h = None
+        elif x.shape[1] != h.shape[1]:
+            h = h[:, -1:].contiguous()
+        logits, h = model(torch.from_numpy(x).long(), h)
+        lp = torch.log_softmax(logits.double(), -1)
+        total -= lp.gather(-1, torch.from_numpy(y).long()[..., None]).sum().item()
+        count += y.size
+    return total / count
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, nargs="+", default=[5, 10], help="report the best loss by these times")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=100)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    text = load_text(None)
+    vocab = Vocab.from_text(text)
+    train_ids, val_ids = split_text(vocab.encode(text))
+    batches = StreamBatcher(train_ids, args.batch_size, args.seq_len, seed=args.seed)
+    model = TorchCharModel(len(vocab), args.embedding_dim, args.hidden_size, args.num_layers)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    marks = sorted(m * 60 for m in args.minutes)
+    best, trained_s, step, h = math.inf, 0.0, 0, None
+    report: dict[str, float] = {}
+    while marks:
+        # Train until the next evaluation is due or the next reporting time is reached.
+        t0 = time.perf_counter()
+        for _ in range(args.eval_every):
+            x, y, new_epoch = batches.next()
+            if new_epoch:
+                h = None
+            logits, h = model(torch.from_numpy(x).long(), h)
+            h = h.detach()
+            target = torch.from_numpy(y).long().reshape(-1)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), target)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
+            opt.step()
+            step += 1
+            if trained_s + time.perf_counter() - t0 >= marks[0]:
+                break
+        trained_s += time.perf_counter() - t0
+        best = min(best, val_loss(model, val_ids))
+        print(json.dumps({"step": step, "train_s": round(trained_s, 1), "best_val_loss": round(best, 4),
+                          "best_val_bpc": round(best / math.log(2), 4)}), flush=True)
+        if trained_s >= marks[0]:
+            report[f"{marks.pop(0) / 60:g} min"] = round(best, 4)
+    print(json.dumps({"best_val_loss_by": report, "config": vars(args)}))
+
+
+if __name__ == "__main__":
+    main()
