@@ -28,17 +28,27 @@ _HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
 
 
-@njit(inline="always", fastmath=True, error_model="numpy", cache=True)
+# fastmath without 'nnan'/'ninf': LLVM may reassociate and fuse, but may not assume
+# values are finite, or a NaN from a diverging run would come out as a finite number.
+_FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+@njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
 def tanh32(x):  # type: ignore[no-untyped-def]
-    x = x if x < _LIM else _LIM  # selects, not min/max: they vectorise
-    x = x if x > -_LIM else -_LIM
+    # Selects, not min/max (they vectorise); written so that NaN, which compares
+    # false, passes through instead of being clamped to a finite value.
+    x = _LIM if x > _LIM else x
+    x = -_LIM if x < -_LIM else x
     s = x * x
     p = (((_P4 * s + _P3) * s + _P2) * s + _P1) * s + _P0
     q = (((_Q4 * s + _Q3) * s + _Q2) * s + _Q1) * s + _ONE
-    return x * p / q
+    t = x * p / q
+    # The fit overshoots 1 by up to 3e-7 near the clamp; GRU states must stay in [-1, 1].
+    t = _ONE if t > _ONE else t
+    return -_ONE if t < -_ONE else t
 
 
-@njit(inline="always", fastmath=True, error_model="numpy", cache=True)
+@njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
 def sigm32(x):  # type: ignore[no-untyped-def]
     return _HALF + _HALF * tanh32(_HALF * x)
 
@@ -94,13 +104,13 @@ def _gates_backward(do, hp, g, hn, m, dh, dgh, da_n):  # type: ignore[no-untyped
             dhb[j] = (tot - dm) + dm * z
 
 
-gates_forward_serial = njit(fastmath=True, error_model="numpy", cache=True)(_gates_forward)
-gates_forward_parallel = njit(fastmath=True, error_model="numpy", cache=True, parallel=True)(_gates_forward)
-gates_backward_serial = njit(fastmath=True, error_model="numpy", cache=True)(_gates_backward)
-gates_backward_parallel = njit(fastmath=True, error_model="numpy", cache=True, parallel=True)(_gates_backward)
+gates_forward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_gates_forward)
+gates_forward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(_gates_forward)
+gates_backward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_gates_backward)
+gates_backward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(_gates_backward)
 
 
-@njit(fastmath=True, error_model="numpy", cache=True)
+@njit(fastmath=_FM, error_model="numpy", cache=True)
 def forward_loop(gates, whh_t, bhh, hs, hn_all, mask, reverse, gh):  # type: ignore[no-untyped-def]
     """The whole time loop, for small sizes (see :func:`_gates_forward` for the arrays;
     mask (T, B) or (T, 0)); hs (T+1, B, H) holds h0 on entry, gates the input projections."""
@@ -113,7 +123,7 @@ def forward_loop(gates, whh_t, bhh, hs, hn_all, mask, reverse, gh):  # type: ign
         gates_forward_serial(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], mask[t])
 
 
-@njit(fastmath=True, error_model="numpy", cache=True)
+@njit(fastmath=_FM, error_model="numpy", cache=True)
 def backward_loop(d_output, hs, gates, hn_all, mask, reverse, whh, dgh, da_n, dh, dhh):  # type: ignore[no-untyped-def]
     """The whole backward time loop, for small sizes; dh (B, H) enters as dL/dh_last
     and leaves as dL/dh0."""
@@ -152,11 +162,11 @@ def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):  # type: ignore[no-untyped-def]
         out[j] = n + z * (h[j] - n)
 
 
-step_serial = njit(fastmath=True, error_model="numpy", cache=True)(_step)
+step_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_step)
 
 
 
-@njit(fastmath=True, error_model="numpy", cache=True)
+@njit(fastmath=_FM, error_model="numpy", cache=True)
 def step_gates(gi, gh, b_ih, b_hh, h, out):  # type: ignore[no-untyped-def]
     """The gate math of one step for one stream, given gi = W_ih x and gh = W_hh h (3H,)."""
     H = h.shape[0]

@@ -98,3 +98,36 @@ def test_compiled_single_stream_per_step_matches_numpy_path(monkeypatch, reverse
     got = run(p, reverse)
     for a, b in zip(got, want):
         assert rel(a, b) < 2e-6
+
+
+def test_compiled_tanh_and_sigmoid_are_accurate_bounded_and_keep_nan():
+    from grumpy import _nbkernels as nb
+    from numba import njit
+
+    @njit
+    def apply(x, out_t, out_s):
+        for i in range(x.shape[0]):
+            out_t[i] = nb.tanh32(x[i])
+            out_s[i] = nb.sigm32(x[i])
+
+    x = np.concatenate([np.linspace(-30, 30, 200001), [np.inf, -np.inf, 3e38, -3e38]]).astype(np.float32)
+    t, s = np.empty_like(x), np.empty_like(x)
+    apply(x, t, s)
+    ref_t = np.tanh(x.astype(np.float64))
+    assert np.all(np.abs(t) <= 1) and np.all((s >= 0) & (s <= 1))
+    assert np.max(np.abs(t - ref_t) / np.maximum(np.abs(ref_t), 1e-30)) < 4e-7
+    apply(np.array([np.nan], np.float32), t[:1], s[:1])
+    assert np.isnan(t[0]) and np.isnan(s[0])
+
+
+@pytest.mark.parametrize("branch", ["loop", "per-step", "per-step-parallel"])
+def test_compiled_path_propagates_nan(monkeypatch, branch):
+    # A diverging run must show up as NaN, as it does in PyTorch, not as plausible numbers.
+    if branch != "loop":
+        monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
+    if branch == "per-step-parallel":
+        monkeypatch.setattr(K, "PARALLEL_MIN", 1)
+    p = problem(np.random.default_rng(0))
+    p["x"][4, 1, 2] = np.nan
+    out = run(p, reverse=False)[0]
+    assert np.isnan(out[4:, 1]).all() and np.isfinite(out[:4]).all() and np.isfinite(out[:, [0, 2]]).all()
