@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from grumpy._util import check_dtype, check_positive_int
+from grumpy.kernels import gru_step
 from grumpy.layers import GRU
 
 
@@ -195,6 +196,24 @@ class CharModel:
         if self.config.embedding_dim:
             np.add.at(self._own_grads["embedding.weight"], idx.reshape(-1), dx.reshape(T * B, -1))
         return dh0
+
+    def step(self, i: int, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One character of one stream, for generation: index i, state h (L, H) ->
+        logits (V,), new state (L, H). No cache, no dropout: inference only."""
+        p, c = self.params, self.config
+        if c.embedding_dim:
+            x = p["embedding.weight"][i]
+        else:
+            x = np.zeros(c.vocab_size, self.dtype)
+            x[i] = 1.0
+        h_new = np.empty_like(h)
+        for layer in range(c.num_layers):
+            sfx = f"_l{layer}"
+            x = h_new[layer] = gru_step(
+                x, h[layer], p["gru.weight_ih" + sfx], p["gru.weight_hh" + sfx],
+                p.get("gru.bias_ih" + sfx), p.get("gru.bias_hh" + sfx), reset_after=c.reset_after,
+            )
+        return p["head.weight"] @ x + p["head.bias"], h_new
 
     def loss(self, idx: np.ndarray, targets: np.ndarray, h0: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         """Forward and mean cross-entropy (nats/char) without a backward: (loss, h_n)."""

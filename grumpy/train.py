@@ -267,11 +267,12 @@ def _sample_iter(model: CharModel, v: Vocab, prime: str, length: int, temperatur
     was_training = model.gru.training
     model.eval()
     try:
-        logits, h = model.forward(v.encode(start)[:, None])
+        logits, h_n = model.forward(v.encode(start)[:, None])
+        last, h = logits[-1, 0], h_n[:, 0]
         for _ in range(length):
-            i = sample_next(logits[-1, 0], rng, temperature=temperature, top_k=top_k, top_p=top_p)
+            i = sample_next(last, rng, temperature=temperature, top_k=top_k, top_p=top_p)
             yield v.chars[i]
-            logits, h = model.forward(np.array([[i]]), h)
+            last, h = model.step(i, h)  # the lean one-character path, no cache
     finally:
         model.train(was_training)
 

@@ -90,3 +90,20 @@ def test_float32_agrees_with_float64():
     o32, _ = g32.forward(x.astype(np.float32), h0.astype(np.float32))
     assert o32.dtype == np.float32
     assert rel_err(o32, o64) < 1e-5
+
+
+@pytest.mark.parametrize("embedding_dim", [0, 5])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_model_step_matches_forward(embedding_dim, reset_after, dtype):
+    from grumpy.model import CharModel, ModelConfig
+
+    m = CharModel(ModelConfig(vocab_size=7, hidden_size=6, num_layers=2, embedding_dim=embedding_dim,
+                              reset_after=reset_after, dtype=dtype), seed=0).eval()
+    idx = np.array([[3], [0], [6], [2]])
+    logits, h_n = m.forward(idx)
+    h = m.init_state(1)[:, 0]
+    for t in range(4):
+        step_logits, h = m.step(int(idx[t, 0]), h)
+        assert rel_err(step_logits, logits[t, 0]) < (1e-5 if dtype == "float32" else 1e-13)
+    assert rel_err(h, h_n[:, 0]) < (1e-5 if dtype == "float32" else 1e-13)
