@@ -81,7 +81,7 @@ class SeqCache(NamedTuple):
     reset_after: bool
 
 
-def _state_views(hs: np.ndarray, reverse: bool) -> tuple[np.ndarray, np.ndarray]:
+def state_views(hs: np.ndarray, reverse: bool) -> tuple[np.ndarray, np.ndarray]:
     """(states entering each step, states leaving each step), both (T, B, H) in time order."""
     return (hs[1:], hs[:-1]) if reverse else (hs[:-1], hs[1:])
 
@@ -132,7 +132,7 @@ def gru_sequence_forward(
                 else:
                     np.matmul(hs[ip], whh_t, out=gh)
                 fused(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], m2[t])
-        _, h_out = _state_views(hs, reverse)
+        _, h_out = state_views(hs, reverse)
         # A view of the states, not a copy (52 MB at T=100, B=128, H=1024, and its page
         # faults): callers must not write into the output before the backward pass.
         output = h_out * mask if mask is not None else h_out
@@ -183,7 +183,7 @@ def gru_sequence_forward(
             tmp *= mask[t]
             np.add(h_prev, tmp, out=h_new)
 
-    _, h_out = _state_views(hs, reverse)
+    _, h_out = state_views(hs, reverse)
     output = h_out * mask if mask is not None else h_out.copy()
     h_last = hs[0 if reverse else T].copy()
     return output, h_last, SeqCache(x, hs, gates, hn_all, mask, reverse, reset_after)
@@ -207,7 +207,7 @@ def gru_sequence_backward(
     T, B, _ = x.shape
     H = hs.shape[-1]
     dt = x.dtype
-    h_in, _ = _state_views(hs, reverse)
+    h_in, _ = state_views(hs, reverse)
     if use_compiled(dt, reset_after):
         return _backward_compiled(d_output, d_h_last, cache, weight_ih, weight_hh, bias=bias)
 
@@ -308,7 +308,7 @@ def _backward_compiled(
     T, B, _ = x.shape
     H = hs.shape[-1]
     dt = x.dtype
-    h_in, _ = _state_views(hs, reverse)
+    h_in, _ = state_views(hs, reverse)
     dgh = np.empty((T, B, 3 * H), dt)  # [da_r, da_z, r ⊙ da_n]: the hidden side
     da_n = np.empty((T, B, H), dt)
     dh = np.zeros((B, H), dt) if d_h_last is None else np.array(d_h_last, dt)

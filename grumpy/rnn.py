@@ -17,6 +17,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from grumpy.kernels import state_views
 from grumpy.layers import BackwardKernel, ForwardKernel, RecurrentStack, StackCache, stack_backward, stack_forward
 
 
@@ -25,11 +26,6 @@ class RNNSeqCache(NamedTuple):
     hs: np.ndarray  # (T+1, B, H) states, laid out as in grumpy.kernels
     mask: np.ndarray | None  # (T, B, 1)
     reverse: bool
-
-
-def _state_views(hs: np.ndarray, reverse: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(states entering each step, states leaving each step), both (T, B, H) in time order."""
-    return (hs[1:], hs[:-1]) if reverse else (hs[:-1], hs[1:])
 
 
 def rnn_sequence_forward(
@@ -78,7 +74,7 @@ def rnn_sequence_forward(
             a *= mask[t]
             np.add(h_prev, a, out=h_new)
 
-    _, h_out = _state_views(hs, reverse)
+    _, h_out = state_views(hs, reverse)
     output = h_out * mask if mask is not None else h_out.copy()
     h_last = hs[0 if reverse else T].copy()
     return output, h_last, RNNSeqCache(x, hs, mask, reverse)
@@ -102,7 +98,7 @@ def rnn_sequence_backward(
     T, B, _ = x.shape
     H = hs.shape[-1]
     dt = x.dtype
-    h_in, h_out = _state_views(hs, reverse)
+    h_in, h_out = state_views(hs, reverse)
 
     dA = np.empty((T, B, H), dt)  # gradients of the pre-activations a_t
     dh = np.zeros((B, H), dt) if d_h_last is None else np.array(d_h_last, dt)

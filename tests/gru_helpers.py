@@ -14,6 +14,20 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max(initial=0.0) / scale)
 
 
+def numeric_grad(f, a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of scalar f() w.r.t. every entry of a (perturbed in place, then restored)."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + eps
+        fp = f()
+        a[i] = old - eps
+        fm = f()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * eps)
+    return g
+
+
 def make_problem(
     *, T=4, B=3, I=3, H=2, num_layers=1, bidirectional=False, bias=True, reset_after=True,
     batch_first=False, with_lengths=False, dtype=np.float64, seed=0,

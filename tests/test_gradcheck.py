@@ -3,26 +3,11 @@
 import numpy as np
 import pytest
 
-from gru_helpers import GRID, grid_id, loss_of, make_problem, rel_err
+from gru_helpers import GRID, grid_id, loss_of, make_problem, numeric_grad, rel_err
 
 from grumpy.layers import gru_backward, gru_forward
 
-EPS = 1e-6
 TOL = 1e-6
-
-
-def numeric_grad(f, a: np.ndarray) -> np.ndarray:
-    """Central differences of scalar f() w.r.t. every entry of a (perturbed in place)."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + EPS
-        fp = f()
-        a[i] = old - EPS
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * EPS)
-    return g
 
 
 @pytest.mark.parametrize("cfg", GRID, ids=grid_id)

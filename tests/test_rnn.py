@@ -5,15 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gru_helpers import numeric_grad, rel_err
+
 import grumpy
 from grumpy.rnn import rnn_sequence_backward, rnn_sequence_forward
 
 I, H, T, B = 3, 4, 5, 3
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    scale = max(np.linalg.norm(a), np.linalg.norm(b), 1e-12)
-    return float(np.linalg.norm(a - b) / scale)
 
 
 def make_inputs(layer: grumpy.RNN, rng: np.random.Generator, lengths: bool):
@@ -52,24 +49,10 @@ def test_finite_differences(num_layers, bidirectional, bias, lengths, batch_firs
     layer.zero_grad()
     dx, dh0 = layer.backward(w_out, w_h)
 
-    eps = 1e-6
-
-    def numeric(arr: np.ndarray) -> np.ndarray:
-        g = np.zeros_like(arr)
-        for i in np.ndindex(arr.shape):
-            old = arr[i]
-            arr[i] = old + eps
-            up = loss()
-            arr[i] = old - eps
-            down = loss()
-            arr[i] = old
-            g[i] = (up - down) / (2 * eps)
-        return g
-
     for name, p in layer.params.items():
-        assert rel_err(numeric(p), layer.grads[name]) <= 1e-6, name
-    assert rel_err(numeric(x), dx) <= 1e-6
-    assert rel_err(numeric(h0), dh0) <= 1e-6
+        assert rel_err(numeric_grad(loss, p), layer.grads[name]) <= 1e-6, name
+    assert rel_err(numeric_grad(loss, x), dx) <= 1e-6
+    assert rel_err(numeric_grad(loss, h0), dh0) <= 1e-6
 
 
 def test_padded_steps_keep_state_and_output_zero():
