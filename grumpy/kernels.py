@@ -134,8 +134,13 @@ def gru_sequence_forward(
                 fused(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], m2[t])
         _, h_out = state_views(hs, reverse)
         # A view of the states, not a copy (52 MB at T=100, B=128, H=1024, and its page
-        # faults): callers must not write into the output before the backward pass.
-        output = h_out * mask if mask is not None else h_out
+        # faults). Read-only, so that writing into it, which would corrupt the cache the
+        # backward pass reads, raises instead of silently giving wrong gradients.
+        if mask is not None:
+            output = h_out * mask
+        else:
+            output = h_out.view()
+            output.flags.writeable = False
         h_last = hs[0 if reverse else T].copy()
         return output, h_last, SeqCache(x, hs, gates, hn_all, mask, reverse, reset_after)
     w_rz_t = whh_t[:, : 2 * H] if not reset_after else None
