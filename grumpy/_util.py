@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -52,3 +53,17 @@ def orthogonal_blocks(rng: np.random.Generator, n_blocks: int, hidden_size: int,
         # Fixing the signs by diag(r) makes q Haar-distributed rather than biased by QR.
         blocks.append(q * np.sign(np.diag(r)))
     return np.concatenate(blocks).astype(dtype)
+
+
+@contextlib.contextmanager
+def reading(name: str, expected: str) -> Iterator[None]:
+    """Turn the OS's errors on opening or reading ``name`` into one-line ValueErrors
+    that name the file and say what was ``expected`` (e.g. "a text file")."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ValueError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{name}: is a directory, expected {expected}") from None
+    except OSError as e:
+        raise ValueError(f"{name}: cannot read ({e.strerror or e})") from None

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from grumpy._util import reading
 from grumpy.model import CharModel, ModelConfig
 
 META_KEY = "grumpy"
@@ -148,7 +149,7 @@ class Checkpoint:
 
 def _read_header(path: str) -> tuple[dict[str, Any], int, int]:
     """Parse and sanity-check the safetensors header: (header, data start, file size)."""
-    try:
+    with reading(path, "a checkpoint file"):
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
@@ -161,12 +162,6 @@ def _read_header(path: str) -> tuple[dict[str, Any], int, int]:
                     " truncated or corrupted?)"
                 )
             raw = f.read(n)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, expected a checkpoint file") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from grumpy._util import check_positive_int
+from grumpy._util import check_positive_int, reading
 
 SHIPPED_CORPUS = "shakespeare.txt.gz"
 
@@ -104,15 +104,8 @@ def load_text(path: str | os.PathLike[str] | None = None) -> str:
         raw = gzip.decompress(files("grumpy").joinpath("corpus", SHIPPED_CORPUS).read_bytes())
         return raw.decode("utf-8")
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{name}: is a directory, expected a text file") from None
-    except OSError as e:
-        raise ValueError(f"{name}: cannot read ({e.strerror or e})") from None
+    with reading(name, "a text file"), open(name, "rb") as f:
+        raw = f.read()
     text = decode_utf8(raw, name)
     if not text:
         raise ValueError(f"{name}: the file is empty")

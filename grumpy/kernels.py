@@ -233,18 +233,18 @@ def gru_sequence_backward(
         r, z, n = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
         h_prev = h_in[t]
         d_out = d_output[t]
+        # dm: the part of dL/dh' that flows through the cell; what stays in dh from here
+        # on is dL/dh_prev, starting with the direct path through z ⊙ h in h' = (1 − z) n + z h.
         if mask is not None:
             dh += d_out * mask[t]
-            np.multiply(dh, mask[t], out=dm)  # the part of dh that flows through the cell
-            dh -= dm  # ... and the part that skips a padded step
+            np.multiply(dh, mask[t], out=dm)
+            dh -= dm  # the part that skips a padded step
+            np.multiply(dm, z, out=tmp)
+            dh += tmp
         else:
-            dh += d_out
-            dm[...] = dh
-            dh.fill(0)
+            np.add(dh, d_out, out=dm)
+            np.multiply(dm, z, out=dh)
         da_r, da_z, da_n = dG[t, :, :H], dG[t, :, H : 2 * H], dG[t, :, 2 * H :]
-        # h' = (1 − z) n + z h
-        np.multiply(dm, z, out=tmp)
-        dh += tmp  # direct path through z ⊙ h
         # da_z = dm (h − n) z (1 − z)
         np.subtract(h_prev, n, out=da_z)
         da_z *= dm
