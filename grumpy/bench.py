@@ -107,8 +107,8 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
 
         return gen
 
-    def logits_of() -> tuple[np.ndarray, np.ndarray]:
-        out, _ = gru.forward(x, h0)
+    def logits_of(grad: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        out, _ = gru.forward(x, h0, grad=grad)
         out2 = out.reshape(T * B, H)
         logits = out2 @ W.T
         logits += b
@@ -119,7 +119,7 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
         rows, cols = np.arange(T * B), y.reshape(-1)
 
         def infer() -> float:  # the loss alone: no softmax gradient
-            return -float(log_softmax(logits_of()[0])[rows, cols].mean())
+            return -float(log_softmax(logits_of(grad=False)[0])[rows, cols].mean())
 
         return infer
 

@@ -97,11 +97,20 @@ def gru_sequence_forward(
     reset_after: bool = True,
     reverse: bool = False,
     mask: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, SeqCache]:
-    """x (T, B, I), h0 (B, H) -> output (T, B, H), h_last (B, H), cache."""
+    keep_cache: bool = True,
+) -> tuple[np.ndarray, np.ndarray, SeqCache | None]:
+    """x (T, B, I), h0 (B, H) -> output (T, B, H), h_last (B, H), cache.
+
+    With ``keep_cache=False`` (inference) the cache is None and the gate
+    activations live in per-step buffers instead of (T, B, 3H) arrays.
+    """
     T, B, _ = x.shape
     H = h0.shape[-1]
     dt = x.dtype
+    # A contiguous transposed copy: products on a transposed view run up to 2x slower.
+    whh_t = np.ascontiguousarray(weight_hh.T)  # (H, 3H)
+    if not keep_cache and use_compiled(dt, reset_after) and B * H * 3 * H > LOOP_MAX_MACS:
+        return _forward_inference(x, h0, weight_ih, weight_hh, whh_t, bias_ih, bias_hh, reverse, mask)
 
     gi = (x.reshape(T * B, -1) @ weight_ih.T).reshape(T, B, 3 * H)
     if bias_ih is not None:
@@ -109,8 +118,6 @@ def gru_sequence_forward(
     if not reset_after and bias_hh is not None:
         gi[..., 2 * H :] += bias_hh[2 * H :]  # b_hn sits outside the product: fold it in once
 
-    # A contiguous transposed copy: products on a transposed view run up to 2x slower.
-    whh_t = np.ascontiguousarray(weight_hh.T)  # (H, 3H)
     if use_compiled(dt, reset_after):
         nb = _numba()
         hs = np.empty((T + 1, B, H), dt)
@@ -140,17 +147,19 @@ def gru_sequence_forward(
             output = h_out * mask
         else:
             output = h_out.view()
-            output.flags.writeable = False
+            output.flags.writeable = not keep_cache
         h_last = hs[0 if reverse else T].copy()
-        return output, h_last, SeqCache(x, hs, gates, hn_all, mask, reverse, reset_after)
+        cache = SeqCache(x, hs, gates, hn_all, mask, reverse, reset_after) if keep_cache else None
+        return output, h_last, cache
     w_rz_t = whh_t[:, : 2 * H] if not reset_after else None
     w_n_t = np.ascontiguousarray(whh_t[:, 2 * H :]) if not reset_after else None
     b_rz = bias_hh[: 2 * H] if bias_hh is not None else None
 
     hs = np.empty((T + 1, B, H), dt)
     hs[T if reverse else 0] = h0
-    gates = np.empty((T, B, 3 * H), dt)
-    hn_all = np.empty((T, B, H), dt) if reset_after else None
+    Tc = T if keep_cache else 1  # without a cache, one step's gates are all we need
+    gates = np.empty((Tc, B, 3 * H), dt)
+    hn_all = np.empty((Tc, B, H), dt) if reset_after else None
     gh = np.empty((B, 3 * H), dt)
     tmp = np.empty((B, H), dt)
 
@@ -158,7 +167,8 @@ def gru_sequence_forward(
     for t in steps:
         h_prev = hs[t + 1] if reverse else hs[t]
         h_new = hs[t] if reverse else hs[t + 1]
-        g = gates[t]
+        tc = t if keep_cache else 0
+        g = gates[tc]
         r, z, n = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
         if reset_after:
             np.matmul(h_prev, whh_t, out=gh)
@@ -166,8 +176,8 @@ def gru_sequence_forward(
                 gh += bias_hh
             np.add(gi[t, :, : 2 * H], gh[:, : 2 * H], out=g[:, : 2 * H])
             sigmoid(g[:, : 2 * H], out=g[:, : 2 * H])
-            hn_all[t] = gh[:, 2 * H :]
-            np.multiply(r, hn_all[t], out=n)
+            hn_all[tc] = gh[:, 2 * H :]
+            np.multiply(r, hn_all[tc], out=n)
         else:
             np.matmul(h_prev, w_rz_t, out=gh[:, : 2 * H])
             if b_rz is not None:
@@ -189,9 +199,60 @@ def gru_sequence_forward(
             np.add(h_prev, tmp, out=h_new)
 
     _, h_out = state_views(hs, reverse)
-    output = h_out * mask if mask is not None else h_out.copy()
+    if mask is not None:
+        output = h_out * mask
+    else:
+        output = h_out.copy() if keep_cache else h_out  # nothing else refers to hs then
     h_last = hs[0 if reverse else T].copy()
-    return output, h_last, SeqCache(x, hs, gates, hn_all, mask, reverse, reset_after)
+    cache = SeqCache(x, hs, gates, hn_all, mask, reverse, reset_after) if keep_cache else None
+    return output, h_last, cache
+
+
+# Inference computes the input projections this many bytes' worth of steps at a
+# time: its memory no longer grows as T * B * 3H (157 MB at T=100, B=128, H=1024).
+# Smaller chunks measured slower at H=64 (more, smaller products); larger ones no faster.
+_INFER_CHUNK_BYTES = 1 << 23
+
+
+def _forward_inference(
+    x: np.ndarray, h0: np.ndarray, weight_ih: np.ndarray, weight_hh: np.ndarray, whh_t: np.ndarray,
+    bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, None]:
+    """The compiled path's forward without a cache (float32, reset_after, large sizes):
+    the same arithmetic, step by step, with per-step buffers."""
+    nb = _numba()
+    T, B, I = x.shape
+    H = h0.shape[-1]
+    dt = x.dtype
+    chunk = max(1, min(T, _INFER_CHUNK_BYTES // (B * 3 * H * dt.itemsize)))
+    gbuf = np.empty((chunk, B, 3 * H), dt)
+    hs = np.empty((T + 1, B, H), dt)
+    hs[T if reverse else 0] = h0
+    hn = np.empty((B, H), dt)
+    gh = np.empty((B, 3 * H), dt)
+    bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
+    m2 = _mask2(mask, T, dt)
+    fused = nb.gates_forward_parallel if B * H >= PARALLEL_MIN else nb.gates_forward_serial
+    w_ih_t = weight_ih.T
+    whh = np.ascontiguousarray(weight_hh) if B == 1 else None
+    order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
+    for c0 in range(0, T, chunk):
+        ts = order[c0 : c0 + chunk]
+        lo, n = min(ts), len(ts)
+        g = gbuf[:n]
+        np.matmul(x[lo : lo + n].reshape(n * B, I), w_ih_t, out=g.reshape(n * B, 3 * H))
+        if bias_ih is not None:
+            g += bias_ih
+        for t in ts:
+            ip, io = (t + 1, t) if reverse else (t, t + 1)
+            if B == 1:
+                np.matmul(whh, hs[ip, 0], out=gh[0])
+            else:
+                np.matmul(hs[ip], whh_t, out=gh)
+            fused(g[t - lo], gh, bhh, hs[ip], hs[io], hn, m2[t])
+    _, h_out = state_views(hs, reverse)
+    output = h_out * mask if mask is not None else h_out
+    return output, hs[0 if reverse else T].copy(), None
 
 
 def gru_sequence_backward(

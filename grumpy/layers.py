@@ -17,7 +17,7 @@ from grumpy._util import check_dtype, check_positive_int, orthogonal_blocks, uni
 from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 
 # A kernel runs one direction of one layer over a sequence:
-#   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask) -> (out, h_last, cache)
+#   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask, keep_cache) -> (out, h_last, cache or None)
 #   backward(d_out, d_h_last, cache, w_ih, w_hh, *, bias) -> (dx, dh0, grads)
 ForwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, Any]]
 BackwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
@@ -50,12 +50,14 @@ def stack_forward(
     bidirectional: bool,
     mask: np.ndarray | None = None,
     dropout_masks: Sequence[np.ndarray | None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, StackCache]:
+    keep_cache: bool = True,
+) -> tuple[np.ndarray, np.ndarray, StackCache | None]:
     """Run a stack of recurrent layers, time-major.
 
     x (T, B, I), h0 (L*D, B, H), mask (T, B, 1) or None, dropout_masks: for each
     layer None or a (T, B, D*H) array multiplying that layer's input (layer 0's
-    entry is ignored). Returns output (T, B, D*H), h_n (L*D, B, H) and the cache.
+    entry is ignored). Returns output (T, B, D*H), h_n (L*D, B, H) and the cache,
+    or None with ``keep_cache=False`` (inference: less memory, faster).
     """
     D = 2 if bidirectional else 1
     masks = list(dropout_masks) if dropout_masks is not None else [None] * num_layers
@@ -73,14 +75,14 @@ def stack_forward(
                 inp, h0[layer * D + d],
                 params["weight_ih" + sfx], params["weight_hh" + sfx],
                 params.get("bias_ih" + sfx), params.get("bias_hh" + sfx),
-                reverse=d == 1, mask=mask,
+                reverse=d == 1, mask=mask, keep_cache=keep_cache,
             )
             outs.append(out)
             layer_caches.append(c)
             h_n[layer * D + d] = h_last
         inp = outs[0] if D == 1 else np.concatenate(outs, axis=-1)
         caches.append(layer_caches)
-    return inp, h_n, StackCache(caches, masks)
+    return inp, h_n, StackCache(caches, masks) if keep_cache else None
 
 
 def stack_backward(
@@ -172,6 +174,7 @@ class RecurrentStack:
         self.params = self._init_params(init)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._cache: StackCache | None = None
+        self._no_grad = False  # whether the last forward ran with grad=False
 
     # -- the parts a subclass provides -------------------------------------
     def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
@@ -261,14 +264,16 @@ class RecurrentStack:
         return a
 
     def forward(
-        self, x: np.ndarray, h0: np.ndarray | None = None, *, lengths: Any = None
+        self, x: np.ndarray, h0: np.ndarray | None = None, *, lengths: Any = None, grad: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """x (T, B, I), or (B, T, I) with batch_first; h0 (L*D, B, H) or None for zeros.
 
         Returns output (T, B, D*H) (or (B, T, D*H)) and h_n (L*D, B, H). With
         ``lengths`` (B,), steps at or past ``lengths[b]`` leave sequence b's
         state unchanged and output zeros; the reverse direction starts at each
-        sequence's last valid step.
+        sequence's last valid step. ``grad=False`` is for inference, like
+        PyTorch's ``no_grad``: nothing is kept for :meth:`backward`, which then
+        raises; the outputs are the same, with less memory and time.
         """
         x = np.asarray(x)
         lay = "(B, T, I)" if self.batch_first else "(T, B, I)"
@@ -294,9 +299,10 @@ class RecurrentStack:
         fwd, _ = self._kernels()
         out, h_n, cache = stack_forward(
             fwd, self.params, x, h0, num_layers=self.num_layers,
-            bidirectional=self.bidirectional, mask=mask, dropout_masks=drop,
+            bidirectional=self.bidirectional, mask=mask, dropout_masks=drop, keep_cache=bool(grad),
         )
         self._cache = cache
+        self._no_grad = not grad
         if self.batch_first:
             out = np.ascontiguousarray(out.transpose(1, 0, 2))
         return out, h_n
@@ -310,6 +316,8 @@ class RecurrentStack:
         d_h_n (L*D, B, H) or None. Returns (d_x, d_h0); parameter gradients are
         added into ``grads``."""
         if self._cache is None:
+            if self._no_grad:
+                raise RuntimeError("backward(): the last forward() ran with grad=False, which keeps nothing for backward")
             raise RuntimeError("backward() called before forward()")
         c0 = self._cache.caches[0][0]
         T, B = c0.x.shape[:2]

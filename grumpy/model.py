@@ -164,19 +164,23 @@ class CharModel:
         np.put_along_axis(x, idx[..., None], 1.0, axis=-1)
         return x
 
-    def forward(self, idx: np.ndarray, h0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """idx (T, B) ints in [0, V), h0 (L, B, H) -> logits (T, B, V), h_n (L, B, H)."""
+    def forward(
+        self, idx: np.ndarray, h0: np.ndarray | None = None, *, grad: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """idx (T, B) ints in [0, V), h0 (L, B, H) -> logits (T, B, V), h_n (L, B, H).
+
+        ``grad=False``: inference only, nothing kept for :meth:`backward`."""
         idx = np.asarray(idx)
         if idx.ndim != 2 or idx.dtype.kind not in "iu":
             raise ValueError(f"idx: expected a (T, B) integer array, got shape {idx.shape} dtype {idx.dtype}")
         V = self.config.vocab_size
         if idx.size and (idx.min() < 0 or idx.max() >= V):
             raise ValueError(f"idx: values must lie in [0, {V}), got range [{idx.min()}, {idx.max()}]")
-        out, h_n = self.gru.forward(self._embed(idx), h0)
+        out, h_n = self.gru.forward(self._embed(idx), h0, grad=grad)
         T, B, H = out.shape
         logits = (out.reshape(T * B, H) @ self._own["head.weight"].T).reshape(T, B, V)
         logits += self._own["head.bias"]
-        self._cache = (idx, out)
+        self._cache = (idx, out) if grad else None
         return logits, h_n
 
     __call__ = forward
@@ -184,6 +188,8 @@ class CharModel:
     def backward(self, d_logits: np.ndarray, d_h_n: np.ndarray | None = None) -> np.ndarray:
         """d_logits (T, B, V) -> d_h0 (L, B, H); parameter gradients are added into ``grads``."""
         if self._cache is None:
+            if self.gru._no_grad:
+                raise RuntimeError("backward(): the last forward() ran with grad=False, which keeps nothing for backward")
             raise RuntimeError("backward() called before forward()")
         idx, out = self._cache
         T, B, H = out.shape

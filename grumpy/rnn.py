@@ -38,7 +38,8 @@ def rnn_sequence_forward(
     *,
     reverse: bool = False,
     mask: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, RNNSeqCache]:
+    keep_cache: bool = True,
+) -> tuple[np.ndarray, np.ndarray, RNNSeqCache | None]:
     """x (T, B, I), h0 (B, H) -> output (T, B, H), h_last (B, H), cache.
 
     ``mask`` (T, B, 1) must hold only ones and zeros: the backward pass reads
@@ -77,7 +78,7 @@ def rnn_sequence_forward(
     _, h_out = state_views(hs, reverse)
     output = h_out * mask if mask is not None else h_out.copy()
     h_last = hs[0 if reverse else T].copy()
-    return output, h_last, RNNSeqCache(x, hs, mask, reverse)
+    return output, h_last, RNNSeqCache(x, hs, mask, reverse) if keep_cache else None
 
 
 def rnn_sequence_backward(

@@ -186,7 +186,7 @@ def estimate_loss(model: CharModel, ids: np.ndarray, *, batch_size: int = 32, se
                 h = model.init_state(x.shape[1])
             elif x.shape[1] != h.shape[1]:  # the leftover continues the last stream
                 h = np.ascontiguousarray(h[:, -1:])
-            logits, h = model.forward(x, h)
+            logits, h = model.forward(x, h, grad=False)
             total += _nll_sum(logits, y)
             count += y.size
     finally:
@@ -267,7 +267,7 @@ def _sample_iter(model: CharModel, v: Vocab, prime: str, length: int, temperatur
     was_training = model.gru.training
     model.eval()
     try:
-        logits, h_n = model.forward(v.encode(start)[:, None])
+        logits, h_n = model.forward(v.encode(start)[:, None], grad=False)
         last, h = logits[-1, 0], h_n[:, 0]
         for _ in range(length):
             i = sample_next(last, rng, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -1,0 +1,93 @@
+"""forward(grad=False): the inference path keeps no cache and gives the same outputs.
+
+Every branch is forced: the NumPy path (float64, reset_after=False), the compiled
+whole-loop path, and the compiled per-step inference path with its chunked
+input projections, for one stream and for a batch.
+"""
+
+import numpy as np
+import pytest
+
+import grumpy.kernels as K
+from grumpy import GRU, RNN
+from grumpy.model import CharModel, ModelConfig
+
+
+def both(gru, x, h0, lengths=None):
+    out, hn = gru.forward(x, h0, lengths=lengths)
+    out_i, hn_i = gru.forward(x, h0, lengths=lengths, grad=False)
+    return (out, hn), (out_i, hn_i)
+
+
+def assert_same(want, got, dtype):
+    for a, b in zip(want, got):
+        assert a.shape == b.shape
+        if dtype == np.float64:
+            np.testing.assert_array_equal(b, a)  # the same arithmetic, step by step
+        else:
+            # the input projections are one product per chunk of steps instead of
+            # one per sequence, which BLAS may round differently in the last bit
+            np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("branch", ["default", "per-step"])
+def test_inference_matches_training_forward(monkeypatch, dtype, reset_after, bidirectional, masked, branch):
+    if branch == "per-step":
+        monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
+        monkeypatch.setattr(K, "_INFER_CHUNK_BYTES", 3 * 4 * 6 * 3 * 2)  # a few steps per chunk
+    rng = np.random.default_rng(0)
+    T, B, I, H = 11, 3, 5, 6
+    gru = GRU(I, H, num_layers=2, bidirectional=bidirectional, reset_after=reset_after, dtype=dtype, seed=1)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    h0 = rng.standard_normal((2 * (1 + bidirectional), B, H)).astype(dtype)
+    lengths = np.array([T, 4, 1]) if masked else None
+    want, got = both(gru, x, h0, lengths)
+    assert_same(want, got, dtype)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_compiled_inference_branch_at_size(B):
+    """Large enough that the per-step compiled inference path runs without patching."""
+    pytest.importorskip("numba")
+    H = 512 if B == 1 else 256
+    assert B * H * 3 * H > K.LOOP_MAX_MACS
+    rng = np.random.default_rng(1)
+    gru = GRU(7, H, dtype=np.float32, seed=2)
+    x = rng.standard_normal((5, B, 7)).astype(np.float32)
+    want, got = both(gru, x, None)
+    assert_same(want, got, np.float32)
+
+
+def test_inference_output_is_writable_and_backward_refuses():
+    gru = GRU(3, 4, seed=0)
+    out, _ = gru.forward(np.ones((2, 1, 3), np.float32), grad=False)
+    out[...] = 0  # owned by the caller: no cache to corrupt
+    with pytest.raises(RuntimeError, match="grad=False"):
+        gru.backward(np.ones((2, 1, 4), np.float32))
+    # a training forward afterwards makes backward work again
+    gru.forward(np.ones((2, 1, 3), np.float32))
+    gru.backward(np.ones((2, 1, 4), np.float32))
+
+
+def test_rnn_inference_matches():
+    rng = np.random.default_rng(2)
+    rnn = RNN(3, 5, num_layers=2, dtype=np.float64, seed=0)
+    x = rng.standard_normal((6, 2, 3))
+    want, got = both(rnn, x, None)
+    assert_same(want, got, np.float64)
+    with pytest.raises(RuntimeError, match="grad=False"):
+        rnn.backward(np.ones((6, 2, 5)))
+
+
+def test_char_model_inference():
+    model = CharModel(ModelConfig(vocab_size=9, hidden_size=8, num_layers=2, embedding_dim=4), seed=0)
+    idx = np.random.default_rng(3).integers(0, 9, (7, 2))
+    logits, hn = model.forward(idx)
+    logits_i, hn_i = model.forward(idx, grad=False)
+    assert_same((logits, hn), (logits_i, hn_i), np.float32)
+    with pytest.raises(RuntimeError, match="grad=False"):
+        model.backward(np.ones_like(logits))
