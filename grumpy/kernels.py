@@ -81,6 +81,19 @@ class SeqCache(NamedTuple):
     reset_after: bool
 
 
+def _scratch(workspace: dict[str, np.ndarray] | None, name: str, shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
+    """An uninitialised array, reused from ``workspace`` when one of that shape is there.
+
+    Fresh memory is expensive here: its page faults made the input product of a
+    training step 6x slower (39 against 6 ms at T=100, B=128, H=256)."""
+    if workspace is None:
+        return np.empty(shape, dt)
+    a = workspace.get(name)
+    if a is None or a.shape != shape or a.dtype != dt:
+        a = workspace[name] = np.empty(shape, dt)
+    return a
+
+
 def _transposed(w: np.ndarray) -> np.ndarray:
     """A contiguous copy of w.T; compiled and tiled for float32 (NumPy's strided copy
     took 17.6 ms for a (3072, 1024) matrix, the compiled one 2.5 ms)."""
@@ -109,11 +122,15 @@ def gru_sequence_forward(
     reverse: bool = False,
     mask: np.ndarray | None = None,
     keep_cache: bool = True,
+    workspace: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, SeqCache | None]:
     """x (T, B, I), h0 (B, H) -> output (T, B, H), h_last (B, H), cache.
 
     With ``keep_cache=False`` (inference) the cache is None and the gate
     activations live in per-step buffers instead of (T, B, 3H) arrays.
+    ``workspace``: a dict in which the compiled path keeps its large buffers
+    for the next call (the cache refers to them, so a cache is good only until
+    the next forward with the same workspace).
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
@@ -125,7 +142,11 @@ def gru_sequence_forward(
     if not keep_cache and compiled and B * H * 3 * H > LOOP_MAX_MACS:
         return _forward_inference(x, h0, weight_ih, weight_hh, whh_t, bias_ih, bias_hh, reverse, mask)
 
-    gi = (x.reshape(T * B, -1) @ weight_ih.T).reshape(T, B, 3 * H)
+    if compiled:  # the gates overwrite the input projections in place: one (T, B, 3H) array less
+        gi = _scratch(workspace, "gates", (T, B, 3 * H), dt)
+        np.matmul(x.reshape(T * B, -1), weight_ih.T, out=gi.reshape(T * B, 3 * H))
+    else:
+        gi = (x.reshape(T * B, -1) @ weight_ih.T).reshape(T, B, 3 * H)
     if bias_ih is not None:
         gi += bias_ih
     if not reset_after and bias_hh is not None:
@@ -135,8 +156,8 @@ def gru_sequence_forward(
         nb = _numba()
         hs = np.empty((T + 1, B, H), dt)
         hs[T if reverse else 0] = h0
-        gates = gi  # the gates overwrite the input projections in place: one (T, B, 3H) array less
-        hn_all = np.empty((T, B, H), dt)
+        gates = gi
+        hn_all = _scratch(workspace, "hn", (T, B, H), dt)
         bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
         m2 = _mask2(mask, T, dt)
         gh = np.empty((B, 3 * H), dt)
@@ -276,11 +297,12 @@ def gru_sequence_backward(
     weight_hh: np.ndarray,
     *,
     bias: bool = True,
+    workspace: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """d_output (T, B, H), d_h_last (B, H) or None -> dx (T, B, I), dh0 (B, H), grads.
 
     grads holds ``weight_ih``, ``weight_hh`` and, with ``bias``, ``bias_ih`` and
-    ``bias_hh``, each the sum over all steps.
+    ``bias_hh``, each the sum over all steps. ``workspace`` as in the forward.
     """
     x, hs, gates, hn_all, mask, reverse, reset_after = cache
     T, B, _ = x.shape
@@ -288,7 +310,7 @@ def gru_sequence_backward(
     dt = x.dtype
     h_in, _ = state_views(hs, reverse)
     if use_compiled(dt, reset_after):
-        return _backward_compiled(d_output, d_h_last, cache, weight_ih, weight_hh, bias=bias)
+        return _backward_compiled(d_output, d_h_last, cache, weight_ih, weight_hh, bias=bias, workspace=workspace)
 
     # dG: gradients of the gate pre-activations on the input side [a_r, a_z, a_n];
     # for reset_after the hidden side differs in its n part, r ⊙ da_n, kept in d_hn.
@@ -380,6 +402,7 @@ def _backward_compiled(
     weight_hh: np.ndarray,
     *,
     bias: bool,
+    workspace: dict[str, np.ndarray] | None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """:func:`gru_sequence_backward` through the compiled time loop (float32, reset_after)."""
     nb = _numba()
@@ -388,8 +411,8 @@ def _backward_compiled(
     H = hs.shape[-1]
     dt = x.dtype
     h_in, _ = state_views(hs, reverse)
-    dgh = np.empty((T, B, 3 * H), dt)  # [da_r, da_z, r ⊙ da_n]: the hidden side
-    da_n = np.empty((T, B, H), dt)
+    dgh = _scratch(workspace, "d_gates", (T, B, 3 * H), dt)  # [da_r, da_z, r ⊙ da_n]: the hidden side
+    da_n = _scratch(workspace, "d_an", (T, B, H), dt)
     dh = np.zeros((B, H), dt) if d_h_last is None else np.array(d_h_last, dt)
     m2 = _mask2(mask, T, dt)
     d_output = np.ascontiguousarray(d_output, dt)

@@ -17,8 +17,9 @@ from grumpy._util import check_dtype, check_positive_int, orthogonal_blocks, uni
 from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 
 # A kernel runs one direction of one layer over a sequence:
-#   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask, keep_cache) -> (out, h_last, cache or None)
-#   backward(d_out, d_h_last, cache, w_ih, w_hh, *, bias) -> (dx, dh0, grads)
+#   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask, keep_cache, workspace) -> (out, h_last, cache or None)
+#   backward(d_out, d_h_last, cache, w_ih, w_hh, *, bias, workspace) -> (dx, dh0, grads)
+# where workspace is None or a dict the kernel may keep its large buffers in between calls.
 ForwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, Any]]
 BackwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
 
@@ -51,6 +52,7 @@ def stack_forward(
     mask: np.ndarray | None = None,
     dropout_masks: Sequence[np.ndarray | None] | None = None,
     keep_cache: bool = True,
+    workspaces: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, StackCache | None]:
     """Run a stack of recurrent layers, time-major.
 
@@ -58,6 +60,8 @@ def stack_forward(
     layer None or a (T, B, D*H) array multiplying that layer's input (layer 0's
     entry is ignored). Returns output (T, B, D*H), h_n (L*D, B, H) and the cache,
     or None with ``keep_cache=False`` (inference: less memory, faster).
+    ``workspaces``: one dict per layer and direction (index layer * D + d) in
+    which the kernels keep buffers between calls; see :class:`RecurrentStack`.
     """
     D = 2 if bidirectional else 1
     masks = list(dropout_masks) if dropout_masks is not None else [None] * num_layers
@@ -76,6 +80,7 @@ def stack_forward(
                 params["weight_ih" + sfx], params["weight_hh" + sfx],
                 params.get("bias_ih" + sfx), params.get("bias_hh" + sfx),
                 reverse=d == 1, mask=mask, keep_cache=keep_cache,
+                workspace=None if workspaces is None else workspaces[layer * D + d],
             )
             outs.append(out)
             layer_caches.append(c)
@@ -93,6 +98,7 @@ def stack_backward(
     d_h_n: np.ndarray | None,
     *,
     bias: bool,
+    workspaces: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Backward of :func:`stack_forward`: d_output (T, B, D*H) -> dx (T, B, I), dh0, grads."""
     num_layers = len(cache.caches)
@@ -109,6 +115,7 @@ def stack_backward(
             dx_d, dh0_d, g = backward_kernel(
                 d_out[..., d * H : (d + 1) * H], dh_last, cache.caches[layer][d],
                 params["weight_ih" + sfx], params["weight_hh" + sfx], bias=bias,
+                workspace=None if workspaces is None else workspaces[layer * D + d],
             )
             dx = dx_d if dx is None else dx + dx_d
             dh0[layer * D + d] = dh0_d
@@ -175,6 +182,8 @@ class RecurrentStack:
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._cache: StackCache | None = None
         self._no_grad = False  # whether the last forward ran with grad=False
+        # Training buffers kept from one step to the next, one dict per layer and direction.
+        self._workspaces: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_layers * self.num_directions)]
 
     # -- the parts a subclass provides -------------------------------------
     def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
@@ -300,6 +309,7 @@ class RecurrentStack:
         out, h_n, cache = stack_forward(
             fwd, self.params, x, h0, num_layers=self.num_layers,
             bidirectional=self.bidirectional, mask=mask, dropout_masks=drop, keep_cache=bool(grad),
+            workspaces=self._workspaces if grad else None,
         )
         self._cache = cache
         self._no_grad = not grad
@@ -332,7 +342,8 @@ class RecurrentStack:
             LD = self.num_layers * self.num_directions
             d_h_n = self._check_array("d_h_n", d_h_n, (LD, B, self.hidden_size), "(num_layers * D, B, H)")
         _, bwd = self._kernels()
-        dx, dh0, g = stack_backward(bwd, self.params, self._cache, d_output, d_h_n, bias=self.bias)
+        dx, dh0, g = stack_backward(bwd, self.params, self._cache, d_output, d_h_n, bias=self.bias,
+                                    workspaces=self._workspaces)
         for k, v in g.items():
             self.grads[k] += v
         if self.batch_first:
@@ -370,6 +381,12 @@ class GRU(RecurrentStack):
     the reverse direction): ``weight_ih_l{k}`` (3H, I or D*H) = [W_ir; W_iz; W_in],
     ``weight_hh_l{k}`` (3H, H) = [W_hr; W_hz; W_hn], ``bias_ih_l{k}`` (3H,),
     ``bias_hh_l{k}`` (3H,). The same layout holds for reset_after=False.
+
+    Memory: between training steps a layer keeps its large buffers (gate
+    activations and their gradients, about 8·T·B·H floats per layer and
+    direction) for the next step, since fresh memory costs page faults; forward
+    with ``grad=False`` uses none of them. As with the cache, one layer must not
+    run forward or backward from two threads at once.
 
     Initialisation: all parameters from U(−1/√H, 1/√H), as PyTorch; with
     ``init="orthogonal"`` each (H, H) block of the recurrent weights is a random

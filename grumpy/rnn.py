@@ -39,6 +39,7 @@ def rnn_sequence_forward(
     reverse: bool = False,
     mask: np.ndarray | None = None,
     keep_cache: bool = True,
+    workspace: dict[str, np.ndarray] | None = None,  # the shared kernel signature; unused here
 ) -> tuple[np.ndarray, np.ndarray, RNNSeqCache | None]:
     """x (T, B, I), h0 (B, H) -> output (T, B, H), h_last (B, H), cache.
 
@@ -89,6 +90,7 @@ def rnn_sequence_backward(
     weight_hh: np.ndarray,
     *,
     bias: bool = True,
+    workspace: dict[str, np.ndarray] | None = None,  # the shared kernel signature; unused here
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """d_output (T, B, H), d_h_last (B, H) or None -> dx (T, B, I), dh0 (B, H), grads.
 
