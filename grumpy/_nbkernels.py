@@ -80,26 +80,27 @@ def _gates_forward(g, gh, bhh, hp, ho, hn, m):  # type: ignore[no-untyped-def]
             hob[j] = h + mb * ((n + z * (h - n)) - h)
 
 
-def _gates_backward(do, hp, g, hn, m, dh, dgh, da_n):  # type: ignore[no-untyped-def]
-    """One step backward, fused: do (B, H) the output's gradient, dh (B, H) dL/dh' in,
-    replaced by the direct part of dL/dh (through z and padding); fills dgh (B, 3H) =
-    [da_r, da_z, r ⊙ da_n] (the hidden side) and da_n (B, H). Planes as in the forward."""
+def _gates_backward(do, hp, g, hn, m, dh):  # type: ignore[no-untyped-def]
+    """One step backward, fused and in place: do (B, H) the output's gradient; dh (B, H)
+    dL/dh' in, replaced by the direct part of dL/dh (through z and padding); g (B, 3H)
+    [r, z, n] in, replaced by [da_r, da_z, r ⊙ da_n] (the hidden side); hn (B, H) in,
+    replaced by da_n. Planes as in the forward; reading and writing the same arrays
+    lets LLVM vectorise without the overlap checks that separate outputs would fail."""
     B, H = hp.shape
     masked = m.shape[0] > 0
     for b in prange(B):
         mb = m[b] if masked else _ONE
         g_r, g_z, g_n = g[b, :H], g[b, H : 2 * H], g[b, 2 * H :]
-        e_r, e_z, e_n = dgh[b, :H], dgh[b, H : 2 * H], dgh[b, 2 * H :]
-        hnb, hpb, dob, dhb, fb = hn[b], hp[b], do[b], dh[b], da_n[b]
+        hnb, hpb, dob, dhb = hn[b], hp[b], do[b], dh[b]
         for j in range(H):
-            r, z, n = g_r[j], g_z[j], g_n[j]
+            r, z, n, a = g_r[j], g_z[j], g_n[j], hnb[j]
             tot = dhb[j] + dob[j] * mb
             dm = tot * mb  # the part of dL/dh' that flows through the cell
             dan = dm * (_ONE - z) * (_ONE - n * n)
-            fb[j] = dan
-            e_n[j] = dan * r
-            e_r[j] = dan * hnb[j] * r * (_ONE - r)
-            e_z[j] = dm * (hpb[j] - n) * z * (_ONE - z)
+            hnb[j] = dan
+            g_n[j] = dan * r
+            g_r[j] = dan * a * r * (_ONE - r)
+            g_z[j] = dm * (hpb[j] - n) * z * (_ONE - z)
             dhb[j] = (tot - dm) + dm * z
 
 
@@ -123,15 +124,15 @@ def forward_loop(gates, whh_t, bhh, hs, hn_all, mask, reverse, gh):  # type: ign
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def backward_loop(d_output, hs, gates, hn_all, mask, reverse, whh, dgh, da_n, dh, dhh):  # type: ignore[no-untyped-def]
+def backward_loop(d_output, hs, gates, hn_all, mask, reverse, whh, dh, dhh):  # type: ignore[no-untyped-def]
     """The whole backward time loop, for small sizes; dh (B, H) enters as dL/dh_last
-    and leaves as dL/dh0."""
+    and leaves as dL/dh0; gates and hn_all are replaced as in :func:`_gates_backward`."""
     T = d_output.shape[0]
     for step in range(T):
         t = step if reverse else T - 1 - step
         ip = t + 1 if reverse else t
-        gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh, dgh[t], da_n[t])
-        np.dot(dgh[t], whh, dhh)
+        gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+        np.dot(gates[t], whh, dhh)
         dh += dhh
 
 

@@ -291,13 +291,18 @@ def _status_kb(field: str) -> int:
 
 
 def _peak_memory(side: str, H: int, B: int, T: int) -> dict[str, Any]:
-    """In a fresh process: the extra resident memory one training step needs."""
-    step = BUILDERS[side]("train", H, B, T)
-    step()  # warm-up: lazy allocations, jit compilation
+    """In a fresh process: the resident memory training needs beyond the model and data.
+
+    Measured from before the first step, so that buffers a side keeps from one
+    step to the next (grumpy's workspaces, allocator caches) count, as does
+    compiled code (numba's, XLA's)."""
     import gc
 
+    step = BUILDERS[side]("train", H, B, T)
     gc.collect()
     base = _status_kb("VmRSS")
+    step()  # warm-up: lazy allocations, jit compilation
+    gc.collect()
     how = "VmHWM after clear_refs"
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -546,7 +551,7 @@ def to_markdown(res: dict[str, Any]) -> str:
             parts.append(f"{s} {m['step_peak_mb']:.0f} MB" if m and "step_peak_mb" in m else f"{s} n/a")
         how = next((mem[s]["how"] for s in SIDES if s in mem and "how" in mem[s]), "")
         out.append(f"Peak memory of a training step at H={mp['H']}, B={mp['B']} ({how}, above the "
-                   f"resident size before the step): " + ", ".join(parts) + ".")
+                   f"resident size before the first step): " + ", ".join(parts) + ".")
     mm = ", ".join(f"{s} {g:.0f}" for s, g in res.get("matmul_gflops", {}).items() if g)
     if roof:
         out.append(f"Roofline: large float32 matrix product {roof:.0f} GFLOP/s (best of: {mm}; each measured at the start and the end); "

@@ -18,8 +18,9 @@ from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 
 # A kernel runs one direction of one layer over a sequence:
 #   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask, keep_cache, workspace) -> (out, h_last, cache or None)
-#   backward(d_out, d_h_last, cache, w_ih, w_hh, *, bias, workspace) -> (dx, dh0, grads)
-# where workspace is None or a dict the kernel may keep its large buffers in between calls.
+#   backward(d_out, d_h_last, cache, w_ih, w_hh, *, bias, consume) -> (dx, dh0, grads)
+# where workspace is None or a dict the kernel may keep its large buffers in between
+# calls, and consume=True lets the backward overwrite the cache (usable once).
 ForwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, Any]]
 BackwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
 
@@ -98,9 +99,10 @@ def stack_backward(
     d_h_n: np.ndarray | None,
     *,
     bias: bool,
-    workspaces: Sequence[dict[str, np.ndarray]] | None = None,
+    consume: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Backward of :func:`stack_forward`: d_output (T, B, D*H) -> dx (T, B, I), dh0, grads."""
+    """Backward of :func:`stack_forward`: d_output (T, B, D*H) -> dx (T, B, I), dh0, grads.
+    ``consume=True``: the kernels may overwrite the cache, which then cannot be used again."""
     num_layers = len(cache.caches)
     D = len(cache.caches[0])
     H = d_output.shape[-1] // D
@@ -114,8 +116,7 @@ def stack_backward(
             dh_last = None if d_h_n is None else d_h_n[layer * D + d]
             dx_d, dh0_d, g = backward_kernel(
                 d_out[..., d * H : (d + 1) * H], dh_last, cache.caches[layer][d],
-                params["weight_ih" + sfx], params["weight_hh" + sfx], bias=bias,
-                workspace=None if workspaces is None else workspaces[layer * D + d],
+                params["weight_ih" + sfx], params["weight_hh" + sfx], bias=bias, consume=consume,
             )
             dx = dx_d if dx is None else dx + dx_d
             dh0[layer * D + d] = dh0_d
@@ -182,6 +183,7 @@ class RecurrentStack:
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._cache: StackCache | None = None
         self._no_grad = False  # whether the last forward ran with grad=False
+        self._spent = False  # whether backward already ran for the last forward
         # Training buffers kept from one step to the next, one dict per layer and direction.
         self._workspaces: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_layers * self.num_directions)]
 
@@ -313,6 +315,7 @@ class RecurrentStack:
         )
         self._cache = cache
         self._no_grad = not grad
+        self._spent = False
         if self.batch_first:
             out = np.ascontiguousarray(out.transpose(1, 0, 2))
         return out, h_n
@@ -324,10 +327,14 @@ class RecurrentStack:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Gradients for the most recent forward: d_output shaped like output,
         d_h_n (L*D, B, H) or None. Returns (d_x, d_h0); parameter gradients are
-        added into ``grads``."""
+        added into ``grads``. Once per forward: the gradients are computed in the
+        forward's buffers (as PyTorch frees its graph after ``backward()``)."""
         if self._cache is None:
             if self._no_grad:
                 raise RuntimeError("backward(): the last forward() ran with grad=False, which keeps nothing for backward")
+            if self._spent:
+                raise RuntimeError("backward(): already called for the last forward(), whose buffers it "
+                                   "reused; run forward() again")
             raise RuntimeError("backward() called before forward()")
         c0 = self._cache.caches[0][0]
         T, B = c0.x.shape[:2]
@@ -342,8 +349,9 @@ class RecurrentStack:
             LD = self.num_layers * self.num_directions
             d_h_n = self._check_array("d_h_n", d_h_n, (LD, B, self.hidden_size), "(num_layers * D, B, H)")
         _, bwd = self._kernels()
-        dx, dh0, g = stack_backward(bwd, self.params, self._cache, d_output, d_h_n, bias=self.bias,
-                                    workspaces=self._workspaces)
+        cache, self._cache = self._cache, None  # consumed: its buffers now hold gradients
+        self._spent = True
+        dx, dh0, g = stack_backward(bwd, self.params, cache, d_output, d_h_n, bias=self.bias, consume=True)
         for k, v in g.items():
             self.grads[k] += v
         if self.batch_first:
@@ -382,10 +390,10 @@ class GRU(RecurrentStack):
     ``weight_hh_l{k}`` (3H, H) = [W_hr; W_hz; W_hn], ``bias_ih_l{k}`` (3H,),
     ``bias_hh_l{k}`` (3H,). The same layout holds for reset_after=False.
 
-    Memory: between training steps a layer keeps its large buffers (gate
-    activations and their gradients, about 8·T·B·H floats per layer and
-    direction) for the next step, since fresh memory costs page faults; forward
-    with ``grad=False`` uses none of them. As with the cache, one layer must not
+    Memory: between training steps a layer keeps its large buffers (the gate
+    activations, which backward overwrites with their gradients: 4·T·B·H floats
+    per layer and direction) for the next step, since fresh memory costs page
+    faults; forward with ``grad=False`` uses none of them. As with the cache, one layer must not
     run forward or backward from two threads at once.
 
     Initialisation: all parameters from U(−1/√H, 1/√H), as PyTorch; with

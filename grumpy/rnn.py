@@ -90,7 +90,7 @@ def rnn_sequence_backward(
     weight_hh: np.ndarray,
     *,
     bias: bool = True,
-    workspace: dict[str, np.ndarray] | None = None,  # the shared kernel signature; unused here
+    consume: bool = False,  # the shared kernel signature; this kernel never overwrites its cache
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """d_output (T, B, H), d_h_last (B, H) or None -> dx (T, B, I), dh0 (B, H), grads.
 
