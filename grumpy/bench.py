@@ -93,15 +93,15 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
 
     if mode == "gen":
         # The lean single-step path (no cache, no layer checks), as `grumpy sample` uses it.
-        from grumpy.kernels import gru_step
+        from grumpy.kernels import GRUStep
 
         p = gru.params
-        w_ih, w_hh, b_ih, b_hh = p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"]
+        step = GRUStep(p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"])
         x1 = x[0, 0]
         state = {"h": np.zeros(H, np.float32)}
 
         def gen() -> np.ndarray:
-            h = gru_step(x1, state["h"], w_ih, w_hh, b_ih, b_hh)
+            h = step(x1, state["h"])
             state["h"] = h
             return W @ h + b
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from grumpy._util import check_dtype, check_positive_int
-from grumpy.kernels import gru_step
+from grumpy.kernels import GRUStep, gru_step
 from grumpy.layers import GRU
 
 
@@ -220,6 +220,31 @@ class CharModel:
                 p.get("gru.bias_ih" + sfx), p.get("gru.bias_hh" + sfx), reset_after=c.reset_after,
             )
         return p["head.weight"] @ x + p["head.bias"], h_new
+
+    def stepper(self) -> Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """:meth:`step` with each layer's weights prepared once (:class:`GRUStep`),
+        for generating many characters: a snapshot of the parameters as they are now."""
+        p, c = {k: v.copy() for k, v in self.params.items()}, self.config
+        layers = [
+            GRUStep(p[f"gru.weight_ih_l{k}"], p[f"gru.weight_hh_l{k}"], p.get(f"gru.bias_ih_l{k}"),
+                    p.get(f"gru.bias_hh_l{k}"), reset_after=c.reset_after)
+            for k in range(c.num_layers)
+        ]
+        embed = p["embedding.weight"] if c.embedding_dim else None
+        head_w, head_b = p["head.weight"], p["head.bias"]
+
+        def step(i: int, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if embed is not None:
+                x = embed[i]
+            else:
+                x = np.zeros(c.vocab_size, self.dtype)
+                x[i] = 1.0
+            h_new = np.empty_like(h)
+            for layer, run in enumerate(layers):
+                x = h_new[layer] = run(x, h[layer])
+            return head_w @ x + head_b, h_new
+
+        return step
 
     def loss(self, idx: np.ndarray, targets: np.ndarray, h0: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         """Forward and mean cross-entropy (nats/char) without a backward: (loss, h_n)."""

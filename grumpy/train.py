@@ -269,10 +269,11 @@ def _sample_iter(model: CharModel, v: Vocab, prime: str, length: int, temperatur
     try:
         logits, h_n = model.forward(v.encode(start)[:, None], grad=False)
         last, h = logits[-1, 0], h_n[:, 0]
+        step = model.stepper()  # the lean one-character path: no cache, weights prepared once
         for _ in range(length):
             i = sample_next(last, rng, temperature=temperature, top_k=top_k, top_p=top_p)
             yield v.chars[i]
-            last, h = model.step(i, h)  # the lean one-character path, no cache
+            last, h = step(i, h)
     finally:
         model.train(was_training)
 

@@ -91,3 +91,15 @@ def test_char_model_inference():
     assert_same((logits, hn), (logits_i, hn_i), np.float32)
     with pytest.raises(RuntimeError, match="grad=False"):
         model.backward(np.ones_like(logits))
+
+
+@pytest.mark.parametrize("embedding_dim", [0, 5])
+def test_char_model_stepper_matches_step(embedding_dim):
+    model = CharModel(ModelConfig(vocab_size=9, hidden_size=8, num_layers=2, embedding_dim=embedding_dim), seed=1)
+    step = model.stepper()
+    h1 = h2 = model.init_state(1)[:, 0]
+    for i in [3, 0, 8, 3]:
+        l1, h1 = model.step(i, h1)
+        l2, h2 = step(i, h2)
+        np.testing.assert_allclose(l2, l1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h2, h1, rtol=1e-5, atol=1e-6)

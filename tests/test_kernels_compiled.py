@@ -131,3 +131,34 @@ def test_compiled_path_propagates_nan(monkeypatch, branch):
     p["x"][4, 1, 2] = np.nan
     out = run(p, reverse=False)[0]
     assert np.isnan(out[4:, 1]).all() and np.isfinite(out[:4]).all() and np.isfinite(out[:, [0, 2]]).all()
+
+
+@pytest.mark.parametrize("H", [1, 7, 64, K.STEP_BLAS_MIN])
+@pytest.mark.parametrize("bias", [True, False])
+def test_prepared_step_matches_reference_cell(H, bias):
+    rng = np.random.default_rng(8)
+    p = problem(rng, T=1, B=1, I=11, H=H)  # I=11: the four-at-a-time loops' remainder runs too
+    b_ih, b_hh = (p["b_ih"], p["b_hh"]) if bias else (None, None)
+    step = K.GRUStep(p["w_ih"], p["w_hh"], b_ih, b_hh)
+    assert step._fast == (H < K.STEP_BLAS_MIN)
+    x, h = p["x"][0, 0], p["h0"][0]
+    w = [p[k].astype(np.float64) for k in ("w_ih", "w_hh")]
+    bw = [b.astype(np.float64) if b is not None else None for b in (b_ih, b_hh)]
+    want, _ = gru_cell_forward(x[None].astype(np.float64), h[None].astype(np.float64), *w, *bw)
+    got = step(x, h)
+    assert got.shape == (H,) and got.dtype == np.float32
+    assert rel(got, want[0]) < 1e-6
+    # anything else (here a batch of one) goes through gru_step, exactly
+    np.testing.assert_array_equal(step(x[None], h[None]), K.gru_step(x[None], h[None], p["w_ih"], p["w_hh"], b_ih, b_hh))
+
+
+def test_prepared_step_is_a_snapshot_and_propagates_nan():
+    p = problem(np.random.default_rng(9), T=1, B=1, H=5)
+    step = K.GRUStep(p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
+    x, h = p["x"][0, 0], p["h0"][0]
+    before = step(x, h)
+    p["w_hh"] += 1.0  # changing the weights afterwards does not reach the prepared copy
+    np.testing.assert_array_equal(step(x, h), before)
+    h_nan = h.copy()
+    h_nan[0] = np.nan
+    assert np.isnan(step(x, h_nan)).all()  # every unit reads h[0] through W_hh
