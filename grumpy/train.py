@@ -32,7 +32,7 @@ from grumpy.data import (
     split_text,
     text_digest,
 )
-from grumpy.model import CharModel, ModelConfig, cross_entropy, log_softmax, sample_next
+from grumpy.model import CharModel, ModelConfig, cross_entropy, nll, sample_next
 from grumpy.optim import OPTIMIZERS, clip_grad_norm, clip_grad_value, grad_norm, lr_at, make_optimizer
 
 if TYPE_CHECKING:
@@ -161,14 +161,6 @@ def check_train_config(cfg: TrainConfig) -> None:
 # -- evaluation -----------------------------------------------------------------
 
 
-def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Summed negative log-likelihood (nats) of targets (...) under logits (..., V), in float64."""
-    V = logits.shape[-1]
-    lp = log_softmax(logits.reshape(-1, V))
-    t = targets.reshape(-1)
-    return -float(lp[np.arange(t.size), t].astype(np.float64).sum())
-
-
 def estimate_loss(model: CharModel, ids: np.ndarray, *, batch_size: int = 32, seq_len: int = 100) -> float:
     """Mean loss (nats/char) of predicting every character of ``ids`` (N,) from the ones before it.
 
@@ -187,7 +179,7 @@ def estimate_loss(model: CharModel, ids: np.ndarray, *, batch_size: int = 32, se
             elif x.shape[1] != h.shape[1]:  # the leftover continues the last stream
                 h = np.ascontiguousarray(h[:, -1:])
             logits, h = model.forward(x, h, grad=False)
-            total += _nll_sum(logits, y)
+            total += nll(logits, y, reduction="sum")
             count += y.size
     finally:
         model.train(was_training)

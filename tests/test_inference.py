@@ -103,3 +103,21 @@ def test_char_model_stepper_matches_step(embedding_dim):
         l2, h2 = step(i, h2)
         np.testing.assert_allclose(l2, l1, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(h2, h1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nll_equals_cross_entropy_and_is_stable(dtype):
+    from grumpy.model import cross_entropy, nll
+
+    rng = np.random.default_rng(4)
+    logits = (5 * rng.standard_normal((7, 3, 11))).astype(dtype)
+    y = rng.integers(0, 11, (7, 3))
+    want, _ = cross_entropy(logits, y)
+    assert nll(logits, y) == pytest.approx(want, rel=1e-6 if dtype == np.float32 else 1e-13)
+    assert nll(logits, y, reduction="sum") == pytest.approx(21 * want, rel=1e-6 if dtype == np.float32 else 1e-13)
+    huge = np.array([[1e30, -1e30, 0.0]], dtype)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is the point
+        assert nll(huge, np.array([0])) == 0.0
+        assert nll(huge, np.array([2])) == pytest.approx(1e30, rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        nll(logits, y, reduction="none")
