@@ -129,7 +129,7 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
         db = d.sum(0)
         d_out = (d @ W).reshape(T, B, H)
         gru.zero_grad()
-        gru.backward(d_out)
+        gru.backward(d_out, input_grad=False)  # the inputs are data, as torch's (no requires_grad)
         for name, prm in gru.params.items():
             prm -= LR * gru.grads[name]
         W[...] -= LR * dW

@@ -298,8 +298,10 @@ def gru_sequence_backward(
     *,
     bias: bool = True,
     consume: bool = False,
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """d_output (T, B, H), d_h_last (B, H) or None -> dx (T, B, I), dh0 (B, H), grads.
+    need_dx: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray, dict[str, np.ndarray]]:
+    """d_output (T, B, H), d_h_last (B, H) or None -> dx (T, B, I) (None without
+    ``need_dx``), dh0 (B, H), grads.
 
     grads holds ``weight_ih``, ``weight_hh`` and, with ``bias``, ``bias_ih`` and
     ``bias_hh``, each the sum over all steps. ``consume=True`` lets the compiled
@@ -312,7 +314,8 @@ def gru_sequence_backward(
     dt = x.dtype
     h_in, _ = state_views(hs, reverse)
     if use_compiled(dt, reset_after):
-        return _backward_compiled(d_output, d_h_last, cache, weight_ih, weight_hh, bias=bias, consume=consume)
+        return _backward_compiled(d_output, d_h_last, cache, weight_ih, weight_hh, bias=bias, consume=consume,
+                                  need_dx=need_dx)
 
     # dG: gradients of the gate pre-activations on the input side [a_r, a_z, a_n];
     # for reset_after the hidden side differs in its n part, r ⊙ da_n, kept in d_hn.
@@ -378,7 +381,7 @@ def gru_sequence_backward(
     dG2 = dG.reshape(T * B, 3 * H)
     x2 = x.reshape(T * B, -1)
     h2 = h_in.reshape(T * B, H)
-    dx = (dG2 @ weight_ih).reshape(x.shape)
+    dx = (dG2 @ weight_ih).reshape(x.shape) if need_dx else None
     grads = {"weight_ih": dG2.T @ x2}
     if reset_after:
         dhn2 = d_hn.reshape(T * B, H)
@@ -405,7 +408,8 @@ def _backward_compiled(
     *,
     bias: bool,
     consume: bool,
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    need_dx: bool,
+) -> tuple[np.ndarray | None, np.ndarray, dict[str, np.ndarray]]:
     """:func:`gru_sequence_backward` through the compiled time loop (float32, reset_after)."""
     nb = _numba()
     x, hs, gates, hn_all, mask, reverse, _ = cache
@@ -436,8 +440,11 @@ def _backward_compiled(
     dan2 = da_n.reshape(T * B, H)
     x2 = x.reshape(T * B, -1)
     h2 = h_in.reshape(T * B, H)
-    dx = dgh2[:, : 2 * H] @ weight_ih[: 2 * H]
-    dx += dan2 @ weight_ih[2 * H :]
+    dx = None
+    if need_dx:
+        dx = dgh2[:, : 2 * H] @ weight_ih[: 2 * H]
+        dx += dan2 @ weight_ih[2 * H :]
+        dx = dx.reshape(x.shape)
     grads = {
         "weight_ih": np.concatenate([dgh2[:, : 2 * H].T @ x2, dan2.T @ x2]),
         "weight_hh": dgh2.T @ h2,
@@ -446,7 +453,7 @@ def _backward_compiled(
         db_hh = dgh2.sum(0)
         grads["bias_ih"] = np.concatenate([db_hh[: 2 * H], dan2.sum(0)])
         grads["bias_hh"] = db_hh
-    return dx.reshape(x.shape), dh, grads
+    return dx, dh, grads
 
 
 # From this hidden size on, the single-stream step takes its matrix-vector products

@@ -18,7 +18,7 @@ from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 
 # A kernel runs one direction of one layer over a sequence:
 #   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask, keep_cache, workspace) -> (out, h_last, cache or None)
-#   backward(d_out, d_h_last, cache, w_ih, w_hh, *, bias, consume) -> (dx, dh0, grads)
+#   backward(d_out, d_h_last, cache, w_ih, w_hh, *, bias, consume, need_dx) -> (dx or None, dh0, grads)
 # where workspace is None or a dict the kernel may keep its large buffers in between
 # calls, and consume=True lets the backward overwrite the cache (usable once).
 ForwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, Any]]
@@ -100,9 +100,11 @@ def stack_backward(
     *,
     bias: bool,
     consume: bool = False,
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    input_grad: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray, dict[str, np.ndarray]]:
     """Backward of :func:`stack_forward`: d_output (T, B, D*H) -> dx (T, B, I), dh0, grads.
-    ``consume=True``: the kernels may overwrite the cache, which then cannot be used again."""
+    ``consume=True``: the kernels may overwrite the cache, which then cannot be used again.
+    ``input_grad=False``: dx is None, and the first layer skips its product for it."""
     num_layers = len(cache.caches)
     D = len(cache.caches[0])
     H = d_output.shape[-1] // D
@@ -117,12 +119,14 @@ def stack_backward(
             dx_d, dh0_d, g = backward_kernel(
                 d_out[..., d * H : (d + 1) * H], dh_last, cache.caches[layer][d],
                 params["weight_ih" + sfx], params["weight_hh" + sfx], bias=bias, consume=consume,
+                need_dx=input_grad or layer > 0,
             )
-            dx = dx_d if dx is None else dx + dx_d
+            if dx_d is not None:
+                dx = dx_d if dx is None else dx + dx_d
             dh0[layer * D + d] = dh0_d
             for k, v in g.items():
                 grads[k + sfx] = v
-        if cache.dropout_masks[layer] is not None:
+        if dx is not None and cache.dropout_masks[layer] is not None:
             dx *= cache.dropout_masks[layer]
         d_out = dx
     return d_out, dh0, grads
@@ -323,11 +327,12 @@ class RecurrentStack:
     __call__ = forward
 
     def backward(
-        self, d_output: np.ndarray, d_h_n: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, d_output: np.ndarray, d_h_n: np.ndarray | None = None, *, input_grad: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray]:
         """Gradients for the most recent forward: d_output shaped like output,
         d_h_n (L*D, B, H) or None. Returns (d_x, d_h0); parameter gradients are
-        added into ``grads``. Once per forward: the gradients are computed in the
+        added into ``grads``. ``input_grad=False`` skips d_x (returned as None),
+        as PyTorch does for an input that does not require grad. Once per forward: the gradients are computed in the
         forward's buffers (as PyTorch frees its graph after ``backward()``)."""
         if self._cache is None:
             if self._no_grad:
@@ -351,10 +356,11 @@ class RecurrentStack:
         _, bwd = self._kernels()
         cache, self._cache = self._cache, None  # consumed: its buffers now hold gradients
         self._spent = True
-        dx, dh0, g = stack_backward(bwd, self.params, cache, d_output, d_h_n, bias=self.bias, consume=True)
+        dx, dh0, g = stack_backward(bwd, self.params, cache, d_output, d_h_n, bias=self.bias, consume=True,
+                                    input_grad=input_grad)
         for k, v in g.items():
             self.grads[k] += v
-        if self.batch_first:
+        if self.batch_first and dx is not None:
             dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
         return dx, dh0
 

@@ -217,8 +217,9 @@ class CharModel:
         self._own_grads["head.weight"] += d2.T @ out.reshape(T * B, H)
         self._own_grads["head.bias"] += d2.sum(0)
         d_out = (d2 @ self._own["head.weight"]).reshape(T, B, H)
-        dx, dh0 = self.gru.backward(d_out, d_h_n)
-        if self.config.embedding_dim:
+        # one-hot inputs have no parameters: their gradient is not needed
+        dx, dh0 = self.gru.backward(d_out, d_h_n, input_grad=bool(self.config.embedding_dim))
+        if dx is not None:
             np.add.at(self._own_grads["embedding.weight"], idx.reshape(-1), dx.reshape(T * B, -1))
         return dh0
 

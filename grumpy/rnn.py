@@ -91,7 +91,8 @@ def rnn_sequence_backward(
     *,
     bias: bool = True,
     consume: bool = False,  # the shared kernel signature; this kernel never overwrites its cache
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    need_dx: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray, dict[str, np.ndarray]]:
     """d_output (T, B, H), d_h_last (B, H) or None -> dx (T, B, I), dh0 (B, H), grads.
 
     grads holds ``weight_ih``, ``weight_hh`` and, with ``bias``, ``bias_ih`` and
@@ -123,7 +124,7 @@ def rnn_sequence_backward(
         dh += da @ weight_hh
 
     dA2 = dA.reshape(T * B, H)
-    dx = (dA2 @ weight_ih).reshape(x.shape)
+    dx = (dA2 @ weight_ih).reshape(x.shape) if need_dx else None
     grads = {
         "weight_ih": dA2.T @ x.reshape(T * B, -1),
         "weight_hh": dA2.T @ h_in.reshape(T * B, H),

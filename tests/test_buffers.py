@@ -64,3 +64,26 @@ def test_layer_backward_runs_once_per_forward():
         gru.backward(d)
     gru.forward(x)
     gru.backward(d)
+
+
+@pytest.mark.parametrize("cls_kw", [dict(), dict(dtype=np.float64, reset_after=False), dict(rnn=True)])
+def test_input_grad_false_skips_dx_only(cls_kw):
+    from grumpy import RNN
+
+    kw = dict(cls_kw)
+    cls = RNN if kw.pop("rnn", False) else GRU
+    rng = np.random.default_rng(3)
+    dt = kw.get("dtype", np.float32)
+    layer = cls(4, 5, num_layers=2, bidirectional=True, dropout=0.3, seed=0, **kw)
+    x = rng.standard_normal((6, 3, 4)).astype(dt)
+    d = rng.standard_normal((6, 3, 10)).astype(dt)
+    grads = []
+    for input_grad in (True, False):
+        layer.rng = np.random.default_rng(7)  # the same dropout masks both times
+        layer.zero_grad()
+        layer.forward(x)
+        dx, dh0 = layer.backward(d, input_grad=input_grad)
+        assert (dx is None) == (not input_grad) and dh0.shape == (4, 3, 5)
+        grads.append({k: v.copy() for k, v in layer.grads.items()})
+    for k in grads[0]:
+        np.testing.assert_array_equal(grads[1][k], grads[0][k], err_msg=k)
