@@ -136,10 +136,11 @@ def gru_sequence_forward(
     H = h0.shape[-1]
     dt = x.dtype
     compiled = use_compiled(dt, reset_after)
+    per_step = B * H * 3 * H > LOOP_MAX_MACS  # else the compiled path runs the whole loop compiled
     # A contiguous transposed copy: products on a transposed view run up to 2x slower.
     # One stream at large sizes uses W_hh itself (matrix-vector products on its rows).
-    whh_t = None if compiled and B == 1 and B * H * 3 * H > LOOP_MAX_MACS else _transposed(weight_hh)
-    if not keep_cache and compiled and B * H * 3 * H > LOOP_MAX_MACS:
+    whh_t = None if compiled and per_step and B == 1 else _transposed(weight_hh)
+    if not keep_cache and compiled and per_step:
         return _forward_inference(x, h0, weight_ih, weight_hh, whh_t, bias_ih, bias_hh, reverse, mask)
 
     if compiled:  # the gates overwrite the input projections in place: one (T, B, 3H) array less
@@ -161,7 +162,7 @@ def gru_sequence_forward(
         bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
         m2 = _mask2(mask, T, dt)
         gh = np.empty((B, 3 * H), dt)
-        if B * H * 3 * H <= LOOP_MAX_MACS:
+        if not per_step:
             nb.forward_loop(gates, whh_t, bhh, hs, hn_all, m2, reverse, gh)
         else:
             fused = nb.gates_forward_parallel if B * H >= PARALLEL_MIN else nb.gates_forward_serial
@@ -546,9 +547,9 @@ class GRUStep:
     def __call__(self, x: np.ndarray, h: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         h = np.asarray(h)
-        w_ih_t, w_hh_t = (self._prepared[0], self._prepared[1]) if self._fast else (None, None)
-        if (self._fast and x.ndim == 1 and h.ndim == 1 and x.dtype == h.dtype == w_hh_t.dtype
-                and x.shape[0] == w_ih_t.shape[0] and h.shape[0] == w_hh_t.shape[0]):
+        w_ih, w_hh = self.args[:2]
+        if (self._fast and x.shape == (w_ih.shape[1],) and h.shape == (w_hh.shape[1],)
+                and x.dtype == h.dtype == w_hh.dtype):
             out = np.empty_like(h)
             _numba().step_transposed(np.ascontiguousarray(x), np.ascontiguousarray(h), *self._prepared, out)
             return out

@@ -326,6 +326,13 @@ class RecurrentStack:
 
     __call__ = forward
 
+    def _why_no_backward(self) -> str:
+        if self._no_grad:
+            return "backward(): the last forward() ran with grad=False, which keeps nothing for backward"
+        if self._spent:
+            return "backward(): already called for the last forward(), whose buffers it reused; run forward() again"
+        return "backward() called before forward()"
+
     def backward(
         self, d_output: np.ndarray, d_h_n: np.ndarray | None = None, *, input_grad: bool = True
     ) -> tuple[np.ndarray | None, np.ndarray]:
@@ -335,12 +342,7 @@ class RecurrentStack:
         as PyTorch does for an input that does not require grad. Once per forward: the gradients are computed in the
         forward's buffers (as PyTorch frees its graph after ``backward()``)."""
         if self._cache is None:
-            if self._no_grad:
-                raise RuntimeError("backward(): the last forward() ran with grad=False, which keeps nothing for backward")
-            if self._spent:
-                raise RuntimeError("backward(): already called for the last forward(), whose buffers it "
-                                   "reused; run forward() again")
-            raise RuntimeError("backward() called before forward()")
+            raise RuntimeError(self._why_no_backward())
         c0 = self._cache.caches[0][0]
         T, B = c0.x.shape[:2]
         DH = self.num_directions * self.hidden_size

@@ -206,10 +206,8 @@ class CharModel:
 
     def backward(self, d_logits: np.ndarray, d_h_n: np.ndarray | None = None) -> np.ndarray:
         """d_logits (T, B, V) -> d_h0 (L, B, H); parameter gradients are added into ``grads``."""
-        if self._cache is None:
-            if self.gru._no_grad:
-                raise RuntimeError("backward(): the last forward() ran with grad=False, which keeps nothing for backward")
-            raise RuntimeError("backward() called before forward()")
+        if self._cache is None or self.gru._cache is None:  # before any gradient is touched
+            raise RuntimeError(self.gru._why_no_backward())
         idx, out = self._cache
         T, B, H = out.shape
         V = self.config.vocab_size
@@ -226,32 +224,32 @@ class CharModel:
     def step(self, i: int, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One character of one stream, for generation: index i, state h (L, H) ->
         logits (V,), new state (L, H). No cache, no dropout: inference only."""
-        p, c = self.params, self.config
-        if c.embedding_dim:
-            x = p["embedding.weight"][i]
-        else:
-            x = np.zeros(c.vocab_size, self.dtype)
-            x[i] = 1.0
-        h_new = np.empty_like(h)
-        for layer in range(c.num_layers):
-            sfx = f"_l{layer}"
-            x = h_new[layer] = gru_step(
-                x, h[layer], p["gru.weight_ih" + sfx], p["gru.weight_hh" + sfx],
-                p.get("gru.bias_ih" + sfx), p.get("gru.bias_hh" + sfx), reset_after=c.reset_after,
-            )
-        return p["head.weight"] @ x + p["head.bias"], h_new
+        ra = self.config.reset_after
+
+        def layer(w_ih: np.ndarray, w_hh: np.ndarray, b_ih: Any, b_hh: Any) -> Callable[..., np.ndarray]:
+            return lambda x, h: gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after=ra)
+
+        return self._step_fn(self.params, layer)(i, h)
 
     def stepper(self) -> Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """:meth:`step` with each layer's weights prepared once (:class:`GRUStep`),
         for generating many characters: a snapshot of the parameters as they are now."""
-        p, c = {k: v.copy() for k, v in self.params.items()}, self.config
+        ra = self.config.reset_after
+        snapshot = {k: v.copy() for k, v in self.params.items()}
+        return self._step_fn(snapshot, lambda *w: GRUStep(*w, reset_after=ra))
+
+    def _step_fn(
+        self, p: dict[str, np.ndarray], layer: Callable[..., Callable[..., np.ndarray]]
+    ) -> Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """The one-character step over parameters p, each GRU layer run by
+        layer(w_ih, w_hh, b_ih, b_hh)(x, h) -> new h."""
+        c = self.config
         layers = [
-            GRUStep(p[f"gru.weight_ih_l{k}"], p[f"gru.weight_hh_l{k}"], p.get(f"gru.bias_ih_l{k}"),
-                    p.get(f"gru.bias_hh_l{k}"), reset_after=c.reset_after)
+            layer(p[f"gru.weight_ih_l{k}"], p[f"gru.weight_hh_l{k}"], p.get(f"gru.bias_ih_l{k}"),
+                  p.get(f"gru.bias_hh_l{k}"))
             for k in range(c.num_layers)
         ]
         embed = p["embedding.weight"] if c.embedding_dim else None
-        head_w, head_b = p["head.weight"], p["head.bias"]
 
         def step(i: int, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if embed is not None:
@@ -260,9 +258,9 @@ class CharModel:
                 x = np.zeros(c.vocab_size, self.dtype)
                 x[i] = 1.0
             h_new = np.empty_like(h)
-            for layer, run in enumerate(layers):
-                x = h_new[layer] = run(x, h[layer])
-            return head_w @ x + head_b, h_new
+            for k, run in enumerate(layers):
+                x = h_new[k] = run(x, h[k])
+            return p["head.weight"] @ x + p["head.bias"], h_new
 
         return step
 

@@ -87,3 +87,16 @@ def test_input_grad_false_skips_dx_only(cls_kw):
         grads.append({k: v.copy() for k, v in layer.grads.items()})
     for k in grads[0]:
         np.testing.assert_array_equal(grads[1][k], grads[0][k], err_msg=k)
+
+
+def test_char_model_second_backward_raises_before_touching_gradients():
+    from grumpy.model import CharModel, ModelConfig
+
+    model = CharModel(ModelConfig(vocab_size=7, hidden_size=6, num_layers=1, embedding_dim=3), seed=0)
+    logits, _ = model.forward(np.random.default_rng(0).integers(0, 7, (4, 2)))
+    model.backward(np.ones_like(logits))
+    before = {k: v.copy() for k, v in model.grads.items()}
+    with pytest.raises(RuntimeError, match="already called for the last forward"):
+        model.backward(np.ones_like(logits))
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.grads[k], v, err_msg=k)
