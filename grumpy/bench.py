@@ -43,8 +43,8 @@ V_SIZE = 65  # classes
 T_STEPS = 100
 LR = 0.01
 SIDES = ("grumpy", "torch", "jax")
-# An optional extra side: grumpy with its compiled path switched off (GRUMPY_NUMBA=0),
-# i.e. the pure NumPy kernels, as a baseline measured in the same run.
+# An optional extra side: grumpy with its compiled path and MKL switched off
+# (GRUMPY_NUMBA=0, GRUMPY_MKL=0), i.e. the pure NumPy kernels, as a baseline measured in the same run.
 EXTRA_SIDES = ("numpy",)
 
 FULL = {"H": [64, 256, 1024], "B": [1, 32, 128], "gen_H": [256, 1024], "mem": (1024, 128)}
@@ -80,6 +80,7 @@ def _data(T: int, B: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
+    from grumpy._blas import matmul
     from grumpy.layers import GRU
     from grumpy.model import cross_entropy, nll
 
@@ -103,14 +104,14 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
         def gen() -> np.ndarray:
             h = step(x1, state["h"])
             state["h"] = h
-            return W @ h + b
+            return matmul(W, h) + b
 
         return gen
 
     def logits_of(grad: bool = True) -> tuple[np.ndarray, np.ndarray]:
         out, _ = gru.forward(x, h0, grad=grad)
         out2 = out.reshape(T * B, H)
-        logits = out2 @ W.T
+        logits = matmul(out2, W.T)
         logits += b
         return logits, out2
 
@@ -125,9 +126,9 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
     def train() -> float:
         logits, out2 = logits_of()
         loss, d = cross_entropy(logits, y.reshape(-1))
-        dW = d.T @ out2
+        dW = matmul(d.T, out2)
         db = d.sum(0)
-        d_out = (d @ W).reshape(T, B, H)
+        d_out = matmul(d, W).reshape(T, B, H)
         gru.zero_grad()
         gru.backward(d_out, input_grad=False)  # the inputs are data, as torch's (no requires_grad)
         for name, prm in gru.params.items():
@@ -267,8 +268,10 @@ def _matmul_gflops(side: str, n: int = 2048, reps: int = 5) -> float:
         ja, jb = jnp.asarray(a), jnp.asarray(bm)
         mm = jax.jit(jnp.matmul)
         f = lambda: mm(ja, jb).block_until_ready()  # noqa: E731
-    else:
-        f = lambda: a @ bm  # noqa: E731
+    else:  # grumpy's products: MKL when installed, else NumPy's BLAS
+        from grumpy._blas import matmul
+
+        f = lambda: matmul(a, bm)  # noqa: E731
     f()
     best = min(_timed(f) for _ in range(reps))
     return 2 * n**3 / best / 1e9
@@ -316,6 +319,8 @@ def _peak_memory(side: str, H: int, B: int, T: int) -> dict[str, Any]:
 def _configure_threads(side: str, threads: int) -> Any:
     """Give the side all cores; returns an object to keep alive (threadpoolctl's limiter)."""
     keep = None
+    if side in ("grumpy", "numpy"):
+        import grumpy._blas  # noqa: F401  (loads MKL, if used, so that threadpoolctl limits it too)
     try:
         from threadpoolctl import threadpool_limits
 
@@ -428,12 +433,12 @@ def run(
     threads = threads or _cores()
     repeats = repeats or (3 if quick else 5)
     sample_s = 0.05 if quick else 0.25
-    settle_s = float(os.environ.get("GRUMPY_BENCH_SETTLE", "0.2"))
+    settle_s = float(os.environ.get("GRUMPY_BENCH_SETTLE", "0.3"))  # MKL's threads spin 0.2 s
     avail = available_sides()
     wanted = sides or list(SIDES)
     active = [s for s in wanted if avail.get(s) is None]
     skipped = {s: avail.get(s) or "not requested" for s in SIDES if s not in active}
-    extra = {"numpy": {"GRUMPY_NUMBA": "0"}}
+    extra = {"numpy": {"GRUMPY_NUMBA": "0", "GRUMPY_MKL": "0"}}
     result: dict[str, Any] = {
         "machine": {"cores": _cores(), "threads": threads, "python": sys.version.split()[0]},
         "config": {"T": T_STEPS, "I": I_SIZE, "V": V_SIZE, "dtype": "float32", "quick": quick,
@@ -496,7 +501,7 @@ def run(
 def _version(side: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    names = {"grumpy": ["numpy", "numba"], "numpy": ["numpy"], "torch": ["torch"], "jax": ["jax", "flax"]}[side]
+    names = {"grumpy": ["numpy", "numba", "mkl"], "numpy": ["numpy"], "torch": ["torch"], "jax": ["jax", "flax"]}[side]
     out = []
     for n in names:
         try:

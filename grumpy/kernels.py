@@ -28,6 +28,8 @@ import os
 
 import numpy as np
 
+from grumpy import _blas
+from grumpy._blas import matmul
 from grumpy._util import sigmoid
 
 _NB = None  # grumpy._nbkernels once imported; False when numba is missing or disabled
@@ -137,17 +139,19 @@ def gru_sequence_forward(
     dt = x.dtype
     compiled = use_compiled(dt, reset_after)
     per_step = B * H * 3 * H > LOOP_MAX_MACS  # else the compiled path runs the whole loop compiled
-    # A contiguous transposed copy: products on a transposed view run up to 2x slower.
-    # One stream at large sizes uses W_hh itself (matrix-vector products on its rows).
-    whh_t = None if compiled and per_step and B == 1 else _transposed(weight_hh)
+    # MKL's packed product when available; else a contiguous transposed copy: products on
+    # a transposed view run up to 2x slower. One stream at large sizes uses W_hh itself
+    # (matrix-vector products on its rows).
+    pk = _blas.packed(weight_hh, B, trans=True) if compiled and per_step and B > 1 else None
+    whh_t = None if compiled and per_step and (B == 1 or pk is not None) else _transposed(weight_hh)
     if not keep_cache and compiled and per_step:
-        return _forward_inference(x, h0, weight_ih, weight_hh, whh_t, bias_ih, bias_hh, reverse, mask)
+        return _forward_inference(x, h0, weight_ih, weight_hh, whh_t, pk, bias_ih, bias_hh, reverse, mask)
 
     if compiled:  # the gates overwrite the input projections in place: one (T, B, 3H) array less
         gi = _scratch(workspace, "gates", (T, B, 3 * H), dt)
-        np.matmul(x.reshape(T * B, -1), weight_ih.T, out=gi.reshape(T * B, 3 * H))
+        matmul(x.reshape(T * B, -1), weight_ih.T, gi.reshape(T * B, 3 * H))
     else:
-        gi = (x.reshape(T * B, -1) @ weight_ih.T).reshape(T, B, 3 * H)
+        gi = matmul(x.reshape(T * B, -1), weight_ih.T).reshape(T, B, 3 * H)
     if bias_ih is not None:
         gi += bias_ih
     if not reset_after and bias_hh is not None:
@@ -170,9 +174,11 @@ def gru_sequence_forward(
             for t in range(T - 1, -1, -1) if reverse else range(T):
                 ip, io = (t + 1, t) if reverse else (t, t + 1)
                 if B == 1:  # W h on contiguous rows: measured 1.3x faster than h W^T here
-                    np.matmul(whh, hs[ip, 0], out=gh[0])
+                    matmul(whh, hs[ip, 0], gh[0])
+                elif pk is not None:
+                    pk(hs[ip], gh)
                 else:
-                    np.matmul(hs[ip], whh_t, out=gh)
+                    matmul(hs[ip], whh_t, gh)
                 fused(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], m2[t])
         _, h_out = state_views(hs, reverse)
         # A view of the states, not a copy (52 MB at T=100, B=128, H=1024, and its page
@@ -206,7 +212,7 @@ def gru_sequence_forward(
         g = gates[tc]
         r, z, n = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
         if reset_after:
-            np.matmul(h_prev, whh_t, out=gh)
+            matmul(h_prev, whh_t, gh)
             if bias_hh is not None:
                 gh += bias_hh
             np.add(gi[t, :, : 2 * H], gh[:, : 2 * H], out=g[:, : 2 * H])
@@ -214,13 +220,13 @@ def gru_sequence_forward(
             hn_all[tc] = gh[:, 2 * H :]
             np.multiply(r, hn_all[tc], out=n)
         else:
-            np.matmul(h_prev, w_rz_t, out=gh[:, : 2 * H])
+            matmul(h_prev, w_rz_t, gh[:, : 2 * H])
             if b_rz is not None:
                 gh[:, : 2 * H] += b_rz
             np.add(gi[t, :, : 2 * H], gh[:, : 2 * H], out=g[:, : 2 * H])
             sigmoid(g[:, : 2 * H], out=g[:, : 2 * H])
             np.multiply(r, h_prev, out=tmp)
-            np.matmul(tmp, w_n_t, out=n)
+            matmul(tmp, w_n_t, n)
         n += gi[t, :, 2 * H :]
         np.tanh(n, out=n)
         # h' = (1 − z) n + z h = n + z (h − n)
@@ -251,7 +257,7 @@ _INFER_CHUNK_BYTES = 1 << 23
 
 def _forward_inference(
     x: np.ndarray, h0: np.ndarray, weight_ih: np.ndarray, weight_hh: np.ndarray, whh_t: np.ndarray | None,
-    bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None,
+    pk: _blas.Packed | None, bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, None]:
     """The compiled path's forward without a cache (float32, reset_after, large sizes):
     the same arithmetic, step by step, with per-step buffers."""
@@ -275,15 +281,17 @@ def _forward_inference(
         ts = order[c0 : c0 + chunk]
         lo, n = min(ts), len(ts)
         g = gbuf[:n]
-        np.matmul(x[lo : lo + n].reshape(n * B, I), w_ih_t, out=g.reshape(n * B, 3 * H))
+        matmul(x[lo : lo + n].reshape(n * B, I), w_ih_t, g.reshape(n * B, 3 * H))
         if bias_ih is not None:
             g += bias_ih
         for t in ts:
             ip, io = (t + 1, t) if reverse else (t, t + 1)
             if B == 1:
-                np.matmul(whh, hs[ip, 0], out=gh[0])
+                matmul(whh, hs[ip, 0], gh[0])
+            elif pk is not None:
+                pk(hs[ip], gh)
             else:
-                np.matmul(hs[ip], whh_t, out=gh)
+                matmul(hs[ip], whh_t, gh)
             fused(g[t - lo], gh, bhh, hs[ip], hs[io], hn, m2[t])
     _, h_out = state_views(hs, reverse)
     output = h_out * mask if mask is not None else h_out
@@ -365,7 +373,7 @@ def gru_sequence_backward(
             np.multiply(da_n, r, out=d_hn[t])
         else:
             # a_n = gi_n + W_hn (r ⊙ h): d(r ⊙ h) = da_n W_hn
-            d_rh = da_n @ w_hn
+            d_rh = matmul(da_n, w_hn)
             np.multiply(d_rh, h_prev, out=da_r)
             d_rh *= r
             dh += d_rh
@@ -375,21 +383,21 @@ def gru_sequence_backward(
         if reset_after:
             gbuf[:, : 2 * H] = dG[t, :, : 2 * H]
             gbuf[:, 2 * H :] = d_hn[t]
-            dh += gbuf @ weight_hh
+            matmul(gbuf, weight_hh, dh, beta=1.0)
         else:
-            dh += dG[t, :, : 2 * H] @ w_rz
+            matmul(dG[t, :, : 2 * H], w_rz, dh, beta=1.0)
 
     dG2 = dG.reshape(T * B, 3 * H)
     x2 = x.reshape(T * B, -1)
     h2 = h_in.reshape(T * B, H)
-    dx = (dG2 @ weight_ih).reshape(x.shape) if need_dx else None
-    grads = {"weight_ih": dG2.T @ x2}
+    dx = matmul(dG2, weight_ih).reshape(x.shape) if need_dx else None
+    grads = {"weight_ih": matmul(dG2.T, x2)}
     if reset_after:
         dhn2 = d_hn.reshape(T * B, H)
-        grads["weight_hh"] = np.concatenate([dG2[:, : 2 * H].T @ h2, dhn2.T @ h2])
+        grads["weight_hh"] = np.concatenate([matmul(dG2[:, : 2 * H].T, h2), matmul(dhn2.T, h2)])
     else:
         rh = (gates[..., :H] * h_in).reshape(T * B, H)
-        grads["weight_hh"] = np.concatenate([dG2[:, : 2 * H].T @ h2, dG2[:, 2 * H :].T @ rh])
+        grads["weight_hh"] = np.concatenate([matmul(dG2[:, : 2 * H].T, h2), matmul(dG2[:, 2 * H :].T, rh)])
     if bias:
         db = dG2.sum(0)
         grads["bias_ih"] = db
@@ -432,10 +440,13 @@ def _backward_compiled(
         fused = nb.gates_backward_parallel if B * H >= PARALLEL_MIN else nb.gates_backward_serial
         # Also for one stream: d W_hh reads W_hh's rows in order, and measured faster
         # (210 against 250 us at H=1024) than a product with a transposed copy.
+        pk = _blas.packed(whh, B, trans=False) if B > 1 else None
         for t in range(T) if reverse else range(T - 1, -1, -1):
             fused(d_output[t], hs[t + 1 if reverse else t], dgh[t], da_n[t], m2[t], dh)
-            np.matmul(dgh[t], whh, out=dhh)
-            dh += dhh
+            if pk is not None:
+                pk(dgh[t], dh, beta=1.0)
+            else:
+                matmul(dgh[t], whh, dh, beta=1.0)
 
     dgh2 = dgh.reshape(T * B, 3 * H)
     dan2 = da_n.reshape(T * B, H)
@@ -443,12 +454,12 @@ def _backward_compiled(
     h2 = h_in.reshape(T * B, H)
     dx = None
     if need_dx:
-        dx = dgh2[:, : 2 * H] @ weight_ih[: 2 * H]
-        dx += dan2 @ weight_ih[2 * H :]
+        dx = matmul(dgh2[:, : 2 * H], weight_ih[: 2 * H])
+        matmul(dan2, weight_ih[2 * H :], dx, beta=1.0)
         dx = dx.reshape(x.shape)
     grads = {
-        "weight_ih": np.concatenate([dgh2[:, : 2 * H].T @ x2, dan2.T @ x2]),
-        "weight_hh": dgh2.T @ h2,
+        "weight_ih": np.concatenate([matmul(dgh2[:, : 2 * H].T, x2), matmul(dan2.T, x2)]),
+        "weight_hh": matmul(dgh2.T, h2),
     }
     if bias:
         db_hh = dgh2.sum(0)
@@ -494,7 +505,7 @@ def gru_step(
         if H >= STEP_BLAS_MIN:
             # Large: the weights stream from memory; BLAS's matrix-vector products
             # (all cores) then one fused pass over the gates.
-            nb.step_gates(weight_ih @ x, weight_hh @ h, b_ih, b_hh, np.ascontiguousarray(h), out)
+            nb.step_gates(matmul(weight_ih, x), matmul(weight_hh, h), b_ih, b_hh, np.ascontiguousarray(h), out)
             return out
         nb.step_serial(
             np.ascontiguousarray(x), np.ascontiguousarray(h),

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from grumpy._blas import matmul
 from grumpy._util import check_dtype, check_positive_int
 from grumpy.kernels import GRUStep, gru_step
 from grumpy.layers import GRU
@@ -197,7 +198,7 @@ class CharModel:
             raise ValueError(f"idx: values must lie in [0, {V}), got range [{idx.min()}, {idx.max()}]")
         out, h_n = self.gru.forward(self._embed(idx), h0, grad=grad)
         T, B, H = out.shape
-        logits = (out.reshape(T * B, H) @ self._own["head.weight"].T).reshape(T, B, V)
+        logits = matmul(out.reshape(T * B, H), self._own["head.weight"].T).reshape(T, B, V)
         logits += self._own["head.bias"]
         self._cache = (idx, out) if grad else None
         return logits, h_n
@@ -212,9 +213,9 @@ class CharModel:
         T, B, H = out.shape
         V = self.config.vocab_size
         d2 = d_logits.reshape(T * B, V).astype(self.dtype, copy=False)
-        self._own_grads["head.weight"] += d2.T @ out.reshape(T * B, H)
+        matmul(d2.T, out.reshape(T * B, H), self._own_grads["head.weight"], beta=1.0)
         self._own_grads["head.bias"] += d2.sum(0)
-        d_out = (d2 @ self._own["head.weight"]).reshape(T, B, H)
+        d_out = matmul(d2, self._own["head.weight"]).reshape(T, B, H)
         # one-hot inputs have no parameters: their gradient is not needed
         dx, dh0 = self.gru.backward(d_out, d_h_n, input_grad=bool(self.config.embedding_dim))
         if dx is not None:
@@ -260,7 +261,7 @@ class CharModel:
             h_new = np.empty_like(h)
             for k, run in enumerate(layers):
                 x = h_new[k] = run(x, h[k])
-            return p["head.weight"] @ x + p["head.bias"], h_new
+            return matmul(p["head.weight"], x) + p["head.bias"], h_new
 
         return step
 

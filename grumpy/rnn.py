@@ -17,6 +17,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from grumpy._blas import matmul
 from grumpy.kernels import state_views
 from grumpy.layers import BackwardKernel, ForwardKernel, RecurrentStack, StackCache, stack_backward, stack_forward
 
@@ -51,7 +52,7 @@ def rnn_sequence_forward(
     dt = x.dtype
 
     # All input projections, and both biases, in one product before the loop.
-    gi = (x.reshape(T * B, -1) @ weight_ih.T).reshape(T, B, H)
+    gi = matmul(x.reshape(T * B, -1), weight_ih.T).reshape(T, B, H)
     if bias_ih is not None:
         gi += bias_ih
     if bias_hh is not None:
@@ -65,7 +66,7 @@ def rnn_sequence_forward(
     for t in steps:
         h_prev = hs[t + 1] if reverse else hs[t]
         h_new = hs[t] if reverse else hs[t + 1]
-        np.matmul(h_prev, whh_t, out=a)
+        matmul(h_prev, whh_t, a)
         a += gi[t]
         if mask is None:
             np.tanh(a, out=h_new)
@@ -121,13 +122,13 @@ def rnn_sequence_backward(
         np.multiply(h_out[t], h_out[t], out=tmp)
         np.subtract(1.0, tmp, out=tmp)
         da *= tmp
-        dh += da @ weight_hh
+        matmul(da, weight_hh, dh, beta=1.0)
 
     dA2 = dA.reshape(T * B, H)
-    dx = (dA2 @ weight_ih).reshape(x.shape) if need_dx else None
+    dx = matmul(dA2, weight_ih).reshape(x.shape) if need_dx else None
     grads = {
-        "weight_ih": dA2.T @ x.reshape(T * B, -1),
-        "weight_hh": dA2.T @ h_in.reshape(T * B, H),
+        "weight_ih": matmul(dA2.T, x.reshape(T * B, -1)),
+        "weight_hh": matmul(dA2.T, h_in.reshape(T * B, H)),
     }
     if bias:
         db = dA2.sum(0)

@@ -1,0 +1,177 @@
+"""The matrix products of grumpy's float32 kernels: Intel MKL when installed, else NumPy.
+
+Each step of a GRU multiplies a small (B, H) state by the same (H, 3H) weights.
+A BLAS call packs the weights into its internal layout on every call; at
+B = 32 that repacking costs about as much as the arithmetic. MKL can pack a
+matrix once and reuse it (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``,
+:class:`Packed`), which measured 1.3-1.9x faster than NumPy's OpenBLAS on these
+products (128 x 1024 x 3072: 260 against 176-202 GFLOP/s; 32 x 256 x 768:
+203-210 against 108-120; two cores).
+
+Once MKL is used, every other float32 product must use it too (:func:`matmul`):
+after a call each library's worker threads keep spinning for a while, and
+OpenBLAS's and MKL's spinning side by side on two cores made a sequence at
+B = 32, H = 256 2.3x slower than either alone.
+
+The thread pools are why sizes are split three ways. NumPy's OpenBLAS runs
+products under 2^18 multiply-adds on the calling thread (its own threshold), so
+those stay with NumPy, whose call also costs less (17 against 21 us for
+100 x 64 x 65). MKL takes everything larger, on one thread up to
+:data:`MKL_PARALLEL_MIN` (a few microseconds slower than on two, but no pool to
+wake and leave spinning) and on all of them above. So NumPy's pool is never
+woken, whatever the size.
+
+MKL comes from the ``mkl`` wheel (x86-64), found through its package metadata
+and called through ctypes. Without it, or with ``GRUMPY_MKL=0``, :func:`packed`
+returns None and :func:`matmul` is ``np.matmul``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import numpy as np
+
+_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
+_F32 = np.dtype(np.float32)
+
+
+def _load() -> Any:
+    """libmkl_rt through ctypes, or None (not installed, not loadable, or GRUMPY_MKL=0)."""
+    if os.environ.get("GRUMPY_MKL", "1") == "0":
+        return None
+    try:
+        import importlib.metadata as md
+
+        dist = md.distribution("mkl")
+        rt = [f for f in dist.files or () if f.name.startswith("libmkl_rt.so") or f.name.startswith("mkl_rt")]
+        lib = ctypes.CDLL(str(dist.locate_file(rt[0]).resolve()))
+        i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        lib.cblas_sgemm.restype = None
+        lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+        lib.cblas_sgemm_pack_get_size.restype = ctypes.c_size_t
+        lib.cblas_sgemm_pack_get_size.argtypes = [i, i, i, i]
+        lib.cblas_sgemm_pack.restype = None
+        lib.cblas_sgemm_pack.argtypes = [i, i, i, i, i, i, f, p, i, p]
+        lib.cblas_sgemm_compute.restype = None
+        lib.cblas_sgemm_compute.argtypes = [i, i, i, i, i, i, p, i, p, i, f, p, i]
+        lib.MKL_Set_Num_Threads_Local.restype = i
+        lib.MKL_Set_Num_Threads_Local.argtypes = [i]
+        return lib
+    except Exception:  # no wheel, another platform, a broken install: NumPy's BLAS instead
+        return None
+
+
+# Loaded on import, so that threadpoolctl (``grumpy train --threads``, the benchmark)
+# sees MKL's thread pool and limits it with NumPy's.
+MKL: Any = _load()
+
+
+# Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for
+# using more than one thread (65536 x GEMM_MULTITHREAD_THRESHOLD 4).
+MKL_MIN_MACS = 1 << 18
+# From this many multiply-adds on MKL uses all its threads: measured 1.6-1.9x faster
+# than one thread from 2^21 (100 x 1024 x 65: 83 against 157 us), 1.0-1.2x below.
+MKL_PARALLEL_MIN = int(os.environ.get("GRUMPY_MKL_PARALLEL_MIN", 1 << 21))
+
+
+def _operand(a: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """(array, transpose flag, leading dimension) describing a 2-D float32 array to CBLAS
+    without a copy when its rows or its columns are contiguous; else a contiguous copy."""
+    rows, cols = a.shape
+    s0, s1 = a.strides
+    if s1 == 4 and s0 % 4 == 0 and (rows == 1 or s0 >= 4 * cols):
+        return a, _NO_TRANS, max(1, cols if rows == 1 else s0 // 4)
+    if s0 == 4 and s1 % 4 == 0 and (cols == 1 or s1 >= 4 * rows):
+        return a, _TRANS, max(1, rows if cols == 1 else s1 // 4)
+    a = np.ascontiguousarray(a)
+    return a, _NO_TRANS, max(1, cols)
+
+
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, beta: float = 0.0) -> np.ndarray:
+    """a (M, K) @ b (K, N) or (K,) [+ beta * out] -> out (M, N) or (M,), like ``np.matmul``.
+
+    float32 goes to MKL when it is loaded (transposed views and row slices need no
+    copy); anything else to NumPy."""
+    if b.ndim == 1 and a.ndim == 2 and (out is None or out.ndim == 1):
+        col = matmul(a, b[:, None], None if out is None else out[:, None], beta=beta)
+        return col[:, 0] if out is None else out
+    if (MKL is None or a.dtype != _F32 or b.dtype != _F32 or a.ndim != 2 or b.ndim != 2
+            or 0 in a.shape or 0 in b.shape or a.shape[1] != b.shape[0]
+            or a.shape[0] * a.shape[1] * b.shape[1] < MKL_MIN_MACS):
+        return _numpy(a, b, out, beta)  # NumPy also raises the usual errors
+    M, K = a.shape
+    N = b.shape[1]
+    if out is not None and (out.shape != (M, N) or out.dtype != _F32):
+        return _numpy(a, b, out, beta)
+    if out is None:
+        out = np.empty((M, N), _F32)
+        beta = 0.0
+    c = out
+    if N == 1 and (M == 1 or c.strides[0] == 4):
+        ldc = 1
+    elif c.strides[1] == 4 and c.strides[0] % 4 == 0 and (M == 1 or c.strides[0] >= 4 * N):
+        ldc = N if M == 1 else c.strides[0] // 4
+    else:
+        c = np.empty((M, N), _F32)
+        ldc = N
+        if beta:
+            c[...] = out
+    A, ta, lda = _operand(a)
+    Bm, tb, ldb = _operand(b)
+    serial = M * N * K < MKL_PARALLEL_MIN
+    if serial:
+        prev = MKL.MKL_Set_Num_Threads_Local(1)
+    MKL.cblas_sgemm(_ROW_MAJOR, ta, tb, M, N, K, 1.0, A.ctypes.data, lda, Bm.ctypes.data, ldb, beta,
+                    c.ctypes.data, ldc)
+    if serial:
+        MKL.MKL_Set_Num_Threads_Local(prev)
+    if c is not out:
+        out[...] = c
+    return out
+
+
+def _numpy(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, beta: float) -> np.ndarray:
+    if out is None or not beta:
+        return np.matmul(a, b, out=out)
+    out += a @ b
+    return out
+
+
+class Packed:
+    """``w`` packed once by MKL for products ``a @ w.T`` (``trans=True``, w (N, K)) or
+    ``a @ w`` (w (K, N)), with a (m, K) float32 rows contiguous -> out (m, N).
+
+    A snapshot of w: build a new one after w changes."""
+
+    def __init__(self, w: np.ndarray, m: int, trans: bool) -> None:
+        w = np.ascontiguousarray(w, _F32)
+        self.n, self.k = w.shape if trans else w.shape[::-1]
+        self.m = m
+        size = MKL.cblas_sgemm_pack_get_size(_B_MATRIX, m, self.n, self.k)
+        raw = np.empty(size + 64, np.uint8)  # 64-byte aligned, as MKL's own allocator gives
+        off = -raw.ctypes.data % 64
+        self._buf = raw[off : off + size]
+        MKL.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS if trans else _NO_TRANS, m, self.n, self.k, 1.0,
+                             w.ctypes.data, w.shape[1], self._buf.ctypes.data)
+
+    def __call__(self, a: np.ndarray, out: np.ndarray, beta: float = 0.0) -> np.ndarray:
+        """out (m, N) = a (m, K) @ op(w) + beta * out; rows of both contiguous, float32."""
+        serial = self.m * self.n * self.k < MKL_PARALLEL_MIN
+        if serial:
+            prev = MKL.MKL_Set_Num_Threads_Local(1)
+        MKL.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, self.m, self.n, self.k, a.ctypes.data,
+                                max(self.k, a.strides[0] // 4), self._buf.ctypes.data, self.k, beta,
+                                out.ctypes.data, max(self.n, out.strides[0] // 4))
+        if serial:
+            MKL.MKL_Set_Num_Threads_Local(prev)
+        return out
+
+
+def packed(w: np.ndarray, m: int, trans: bool) -> Packed | None:
+    """A :class:`Packed` for 2-D float32 w when MKL is loaded, else None."""
+    if MKL is None or w.dtype != _F32 or w.ndim != 2 or m < 1 or 0 in w.shape:
+        return None
+    return Packed(w, m, trans)

@@ -1,0 +1,137 @@
+"""grumpy._blas: MKL's products against NumPy's, every layout the kernels pass, and
+the kernels with MKL against the kernels without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from grumpy import _blas
+from grumpy._blas import matmul
+from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
+
+needs_mkl = pytest.mark.skipif(_blas.MKL is None, reason="MKL not installed (or GRUMPY_MKL=0)")
+
+# (M, K, N): NumPy's side (< 2^18 multiply-adds), MKL on one thread, MKL on all of them
+SIZES = [(5, 7, 3), (64, 64, 96), (128, 256, 128), (1, 1024, 512), (512, 1024, 1)]
+
+
+def _layouts(a: np.ndarray) -> dict[str, np.ndarray]:
+    """The same values as C-contiguous, F-contiguous (a transposed view), a slice of wider
+    rows, and every other column of a wider array (no unit stride: must be copied)."""
+    M, K = a.shape
+    wide = np.zeros((M, K + 5), a.dtype)
+    wide[:, 2 : 2 + K] = a
+    spaced = np.zeros((M, 2 * K), a.dtype)
+    spaced[:, ::2] = a
+    return {"C": a, "F": np.asfortranarray(a), "rows": wide[:, 2 : 2 + K], "strided": spaced[:, ::2]}
+
+
+@pytest.mark.parametrize("M,K,N", SIZES)
+@pytest.mark.parametrize("la", ["C", "F", "rows", "strided"])
+@pytest.mark.parametrize("lb", ["C", "F", "rows"])
+def test_matmul_matches_float64(M: int, K: int, N: int, la: str, lb: str) -> None:
+    rng = np.random.default_rng(M * 7 + K + N)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    tol = 1e-5 * np.sqrt(K) * np.abs(a).max() * np.abs(b).max()
+    A, B = _layouts(a)[la], _layouts(b)[lb]
+    got = matmul(A, B)
+    assert got.shape == (M, N) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
+    # into a given output, accumulating, also into a non-contiguous one
+    for out in (np.ones((M, N), np.float32), np.ones((N, M), np.float32).T, np.ones((M, 2 * N), np.float32)[:, ::2]):
+        r = matmul(A, B, out, beta=1.0)
+        assert r is out
+        np.testing.assert_allclose(out, ref + 1, atol=tol, rtol=0)
+    out = np.full((M, N), np.nan, np.float32)  # beta=0 must not read the output (NaN * 0 is NaN)
+    matmul(A, B, out)
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("M,K", [(7, 5), (3072, 1024), (1, 300)])
+def test_matmul_matrix_vector(M: int, K: int) -> None:
+    rng = np.random.default_rng(M + K)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    v = rng.standard_normal(K).astype(np.float32)
+    ref = a.astype(np.float64) @ v
+    tol = 1e-5 * np.sqrt(K) * np.abs(a).max() * np.abs(v).max()
+    np.testing.assert_allclose(matmul(a, v), ref, atol=tol, rtol=0)
+    out = np.ones(2 * M, np.float32)[::2]
+    matmul(a, v, out, beta=1.0)
+    np.testing.assert_allclose(out, ref + 1, atol=tol, rtol=0)
+
+
+def test_matmul_other_dtypes_and_errors_are_numpys() -> None:
+    a = np.arange(6.0).reshape(2, 3)
+    b = np.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(matmul(a, b), a @ b)  # float64: NumPy, exactly
+    with pytest.raises(ValueError):
+        matmul(np.ones((300, 300), np.float32), np.ones((200, 300), np.float32))
+
+
+@needs_mkl
+@pytest.mark.parametrize("B,H", [(4, 8), (32, 256), (128, 512)])
+@pytest.mark.parametrize("trans", [True, False])
+def test_packed(B: int, H: int, trans: bool) -> None:
+    rng = np.random.default_rng(B + H)
+    w = rng.standard_normal((3 * H, H) if trans else (H, 3 * H)).astype(np.float32)
+    p = _blas.packed(w, B, trans=trans)
+    assert p is not None
+    a = rng.standard_normal((B, H)).astype(np.float32)
+    ref = a.astype(np.float64) @ (w.T if trans else w).astype(np.float64)
+    tol = 1e-5 * np.sqrt(H) * np.abs(a).max() * np.abs(w).max()
+    out = np.full((B, 3 * H), np.nan, np.float32)
+    np.testing.assert_allclose(p(a, out), ref, atol=tol, rtol=0)
+    out[...] = 1
+    p(a, out, beta=1.0)
+    np.testing.assert_allclose(out, ref + 1, atol=tol, rtol=0)
+    w[...] = 0  # a snapshot: later changes to w do not reach the packed copy
+    np.testing.assert_allclose(p(a, out), ref, atol=tol, rtol=0)
+
+
+def test_packed_is_none_without_mkl_or_for_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _blas.packed(np.ones((6, 2)), 3, trans=True) is None
+    monkeypatch.setattr(_blas, "MKL", None)
+    assert _blas.packed(np.ones((6, 2), np.float32), 3, trans=True) is None
+    a = np.ones((600, 600), np.float32)
+    np.testing.assert_array_equal(matmul(a, a), a @ a)
+
+
+@needs_mkl
+@pytest.mark.parametrize("B,H,masked", [(1, 512, False), (32, 256, True), (64, 128, False)])
+def test_kernels_with_and_without_mkl_agree(monkeypatch: pytest.MonkeyPatch, B: int, H: int, masked: bool) -> None:
+    """The per-step packed products and MKL's other products give the NumPy path's results."""
+    rng = np.random.default_rng(B * H)
+    T, I = 6, 20
+    k = 1 / np.sqrt(H)
+    w_ih, w_hh = (rng.uniform(-k, k, s).astype(np.float32) for s in ((3 * H, I), (3 * H, H)))
+    b_ih, b_hh = (rng.uniform(-k, k, 3 * H).astype(np.float32) for _ in range(2))
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = rng.uniform(-1, 1, (B, H)).astype(np.float32)
+    mask = (np.arange(T)[:, None] < rng.integers(1, T + 1, B)[None]).astype(np.float32)[..., None] if masked else None
+    d_out = rng.standard_normal((T, B, H)).astype(np.float32)
+
+    def run() -> list[np.ndarray]:
+        out, h_last, cache = gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, mask=mask)
+        dx, dh0, g = gru_sequence_backward(d_out, None, cache, w_ih, w_hh)
+        inf, _, _ = gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, mask=mask, keep_cache=False)
+        return [np.array(out), h_last, inf, dx, dh0, *g.values()]
+
+    with_mkl = run()
+    monkeypatch.setattr(_blas, "MKL", None)
+    without = run()
+    for a, b in zip(with_mkl, without):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * max(1.0, float(np.abs(b).max())))
+
+
+def test_grumpy_mkl_0_switches_it_off() -> None:
+    code = "from grumpy import _blas; print(_blas.MKL is None)"
+    env = {**os.environ, "GRUMPY_MKL": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
