@@ -100,3 +100,40 @@ def test_char_model_second_backward_raises_before_touching_gradients():
         model.backward(np.ones_like(logits))
     for k, v in before.items():
         np.testing.assert_array_equal(model.grads[k], v, err_msg=k)
+
+
+def test_inference_buffers_reused_and_never_shared_between_threads(monkeypatch):
+    """forward(grad=False) keeps its buffers for the next call, but two calls running at
+    once (threads) each get their own: results equal sequential ones, and the outputs
+    of earlier calls are not overwritten by later ones."""
+    import threading
+
+    monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)  # the per-step inference path, with its chunk buffer
+    rng = np.random.default_rng(3)
+    gru = GRU(6, 8, num_layers=2, seed=1)
+    xs = [rng.standard_normal((5, 4, 6)).astype(np.float32) for _ in range(6)]
+    h0 = np.zeros((2, 4, 8), np.float32)
+    fresh = [gru_forward(gru.params, x, h0, num_layers=2)[0] for x in xs]
+    want = [gru.forward(x, grad=False)[0] for x in xs]  # sequential: one set of buffers, reused
+    assert len(gru._spare_workspaces) == 1
+    for got, w in zip(want, fresh):
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
+    again = [gru.forward(x, grad=False)[0] for x in xs]
+    for got, w in zip(again, want):
+        np.testing.assert_array_equal(got, w)
+    results: dict[int, list[np.ndarray]] = {}
+    barrier = threading.Barrier(3)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        results[i] = [gru.forward(x, grad=False)[0] for x in xs * 20]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        for k, got in enumerate(results[i]):
+            np.testing.assert_array_equal(got, want[k % len(xs)])
+    assert 1 <= len(gru._spare_workspaces) <= 3
