@@ -146,13 +146,12 @@ class Packed:
 
     A snapshot of w: build a new one after w changes."""
 
-    def __init__(self, w: np.ndarray, m: int, trans: bool, buffer: np.ndarray | None = None) -> None:
+    def __init__(self, w: np.ndarray, m: int, trans: bool) -> None:
         w = np.ascontiguousarray(w, _F32)
         self.n, self.k = w.shape if trans else w.shape[::-1]
         self.m = m
         size = MKL.cblas_sgemm_pack_get_size(_B_MATRIX, m, self.n, self.k)
-        raw = buffer if buffer is not None and buffer.size >= size + 64 else np.empty(size + 64, np.uint8)
-        self.raw = raw  # 64-byte aligned below, as MKL's own allocator gives
+        raw = np.empty(size + 64, np.uint8)  # 64-byte aligned, as MKL's own allocator gives
         off = -raw.ctypes.data % 64
         self._buf = raw[off : off + size]
         MKL.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS if trans else _NO_TRANS, m, self.n, self.k, 1.0,
@@ -171,13 +170,8 @@ class Packed:
         return out
 
 
-def packed(w: np.ndarray, m: int, trans: bool, workspace: dict[str, np.ndarray] | None = None) -> Packed | None:
-    """A :class:`Packed` for 2-D float32 w when MKL is loaded, else None. With a
-    ``workspace`` dict its buffer is kept there and reused by the next call (fresh
-    memory's page faults cost milliseconds at H=1024, a 21 MB buffer)."""
+def packed(w: np.ndarray, m: int, trans: bool) -> Packed | None:
+    """A :class:`Packed` for 2-D float32 w when MKL is loaded, else None."""
     if MKL is None or w.dtype != _F32 or w.ndim != 2 or m < 1 or 0 in w.shape:
         return None
-    p = Packed(w, m, trans, None if workspace is None else workspace.get("packed"))
-    if workspace is not None:
-        workspace["packed"] = p.raw
-    return p
+    return Packed(w, m, trans)

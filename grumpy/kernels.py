@@ -142,10 +142,10 @@ def gru_sequence_forward(
     # MKL's packed product when available; else a contiguous transposed copy: products on
     # a transposed view run up to 2x slower. One stream at large sizes uses W_hh itself
     # (matrix-vector products on its rows).
-    pk = _blas.packed(weight_hh, B, trans=True, workspace=workspace) if compiled and per_step and B > 1 else None
+    pk = _blas.packed(weight_hh, B, trans=True) if compiled and per_step and B > 1 else None
     whh_t = None if compiled and per_step and (B == 1 or pk is not None) else _transposed(weight_hh)
     if not keep_cache and compiled and per_step:
-        return _forward_inference(x, h0, weight_ih, weight_hh, whh_t, pk, bias_ih, bias_hh, reverse, mask, workspace)
+        return _forward_inference(x, h0, weight_ih, weight_hh, whh_t, pk, bias_ih, bias_hh, reverse, mask)
 
     if compiled:  # the gates overwrite the input projections in place: one (T, B, 3H) array less
         gi = _scratch(workspace, "gates", (T, B, 3 * H), dt)
@@ -258,17 +258,15 @@ _INFER_CHUNK_BYTES = 1 << 23
 def _forward_inference(
     x: np.ndarray, h0: np.ndarray, weight_ih: np.ndarray, weight_hh: np.ndarray, whh_t: np.ndarray | None,
     pk: _blas.Packed | None, bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None,
-    workspace: dict[str, np.ndarray] | None,
 ) -> tuple[np.ndarray, np.ndarray, None]:
     """The compiled path's forward without a cache (float32, reset_after, large sizes):
-    the same arithmetic, step by step, with per-step buffers (the input projections'
-    chunk kept in ``workspace``: in fresh memory it took 2-4x as long at B=32, H=256)."""
+    the same arithmetic, step by step, with per-step buffers."""
     nb = _numba()
     T, B, I = x.shape
     H = h0.shape[-1]
     dt = x.dtype
     chunk = max(1, min(T, _INFER_CHUNK_BYTES // (B * 3 * H * dt.itemsize)))
-    gbuf = _scratch(workspace, "infer_gates", (chunk, B, 3 * H), dt)
+    gbuf = np.empty((chunk, B, 3 * H), dt)
     hs = np.empty((T + 1, B, H), dt)
     hs[T if reverse else 0] = h0
     hn = np.empty((B, H), dt)

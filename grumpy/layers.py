@@ -190,9 +190,6 @@ class RecurrentStack:
         self._spent = False  # whether backward already ran for the last forward
         # Training buffers kept from one step to the next, one dict per layer and direction.
         self._workspaces: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_layers * self.num_directions)]
-        # Inference buffers: sets of such dicts, each taken by one forward(grad=False) at a
-        # time (list.pop and append are atomic), so concurrent inference shares none.
-        self._spare_workspaces: list[list[dict[str, np.ndarray]]] = []
 
     # -- the parts a subclass provides -------------------------------------
     def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
@@ -315,19 +312,11 @@ class RecurrentStack:
             for layer in range(1, self.num_layers):
                 drop[layer] = ((self.rng.random((T, B, width)) < keep) / keep).astype(self.dtype)
         fwd, _ = self._kernels()
-        if grad:
-            workspaces = self._workspaces
-        else:
-            workspaces = self._spare_workspaces.pop() if self._spare_workspaces else [{} for _ in range(LD)]
-        try:
-            out, h_n, cache = stack_forward(
-                fwd, self.params, x, h0, num_layers=self.num_layers,
-                bidirectional=self.bidirectional, mask=mask, dropout_masks=drop, keep_cache=bool(grad),
-                workspaces=workspaces,
-            )
-        finally:
-            if not grad:
-                self._spare_workspaces.append(workspaces)
+        out, h_n, cache = stack_forward(
+            fwd, self.params, x, h0, num_layers=self.num_layers,
+            bidirectional=self.bidirectional, mask=mask, dropout_masks=drop, keep_cache=bool(grad),
+            workspaces=self._workspaces if grad else None,
+        )
         self._cache = cache
         self._no_grad = not grad
         self._spent = False
