@@ -222,3 +222,30 @@ def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):  # type: ignore[n
         z = sigm32(gi_z[j] + gh_z[j])
         n = tanh32(gi_n[j] + r * gh_n[j])
         out[j] = n + z * (h[j] - n)
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def shift_rows(z, out, m):  # type: ignore[no-untyped-def]
+    """z (N, V) -> m (N,) the row maxima, out (N, V) = z - m: the first pass of log-sum-exp.
+    NumPy's reductions along short rows (V = 65) cost 0.7 ms at N = 12800; this 0.1."""
+    N, V = z.shape
+    for i in range(N):
+        zi, oi = z[i], out[i]
+        mi = zi[0]
+        for j in range(1, V):
+            mi = zi[j] if zi[j] > mi else mi
+        m[i] = mi
+        for j in range(V):
+            oi[j] = zi[j] - mi
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def row_sums(e, s):  # type: ignore[no-untyped-def]
+    """s (N,) = e (N, V) summed along its rows."""
+    N, V = e.shape
+    for i in range(N):
+        ei = e[i]
+        acc = ei[0] * 0
+        for j in range(V):
+            acc += ei[j]
+        s[i] = acc

@@ -21,7 +21,7 @@ import numpy as np
 
 from grumpy._blas import matmul
 from grumpy._util import check_dtype, check_positive_int
-from grumpy.kernels import GRUStep, gru_step
+from grumpy.kernels import GRUStep, _numba, gru_step
 from grumpy.layers import GRU
 
 
@@ -76,10 +76,21 @@ def nll(logits: np.ndarray, targets: np.ndarray, *, reduction: str = "mean") -> 
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     t = targets.reshape(-1)
-    m = z.max(axis=1)
-    e = np.subtract(z, m[:, None])
-    np.exp(e, out=e)
-    lse = np.log(e.sum(axis=1)) + m
+    nb = _numba()
+    if nb is not None and z.dtype == np.float32 and z.size:
+        # the row reductions compiled (NumPy's along short rows cost most of the time)
+        m = np.empty(z.shape[0], z.dtype)
+        e = np.empty_like(z)
+        nb.shift_rows(np.ascontiguousarray(z), e, m)
+        np.exp(e, out=e)
+        s = np.empty_like(m)
+        nb.row_sums(e, s)
+        lse = np.log(s) + m
+    else:
+        m = z.max(axis=1)
+        e = np.subtract(z, m[:, None])
+        np.exp(e, out=e)
+        lse = np.log(e.sum(axis=1)) + m
     losses = (lse - np.take_along_axis(z, t[:, None], axis=1)[:, 0]).astype(np.float64)
     return float(losses.sum() if reduction == "sum" else losses.mean())
 

@@ -119,5 +119,9 @@ def test_nll_equals_cross_entropy_and_is_stable(dtype):
     with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is the point
         assert nll(huge, np.array([0])) == 0.0
         assert nll(huge, np.array([2])) == pytest.approx(1e30, rel=1e-6)
+    for j in (0, 5):  # a NaN anywhere in a row (first or later) makes the loss NaN, never a number
+        bad = logits.copy()
+        bad[2, 1, j] = np.nan
+        assert np.isnan(nll(bad, y))
     with pytest.raises(ValueError, match="reduction"):
         nll(logits, y, reduction="none")
