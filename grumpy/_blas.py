@@ -28,9 +28,10 @@ returns None and :func:`matmul` is ``np.matmul``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -67,6 +68,13 @@ def _load() -> Any:
 # Loaded on import, so that threadpoolctl (``grumpy train --threads``, the benchmark)
 # sees MKL's thread pool and limits it with NumPy's.
 MKL: Any = _load()
+# cblas_sgemm_compute as a C function pointer with integer addresses, which numba's
+# compiled loops can take as an argument and call (and still be cached), or None.
+COMPUTE: Any = None
+if MKL is not None:
+    _i, _p = ctypes.c_int, ctypes.c_size_t
+    COMPUTE = ctypes.CFUNCTYPE(None, _i, _i, _i, _i, _i, _i, _p, _i, _p, _i, ctypes.c_float, _p, _i)(
+        ctypes.cast(MKL.cblas_sgemm_compute, ctypes.c_void_p).value)
 
 
 # Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for
@@ -144,7 +152,9 @@ class Packed:
     """``w`` packed once by MKL for products ``a @ w.T`` (``trans=True``, w (N, K)) or
     ``a @ w`` (w (K, N)), with a (m, K) float32 rows contiguous -> out (m, N).
 
-    A snapshot of w: build a new one after w changes."""
+    A snapshot of w: build a new one after w changes. ``ptr`` and :data:`COMPUTE`
+    let compiled loops call the product themselves (see :mod:`grumpy._nbkernels`),
+    inside ``with p.threads():``."""
 
     def __init__(self, w: np.ndarray, m: int, trans: bool) -> None:
         w = np.ascontiguousarray(w, _F32)
@@ -154,19 +164,28 @@ class Packed:
         raw = np.empty(size + 64, np.uint8)  # 64-byte aligned, as MKL's own allocator gives
         off = -raw.ctypes.data % 64
         self._buf = raw[off : off + size]
+        self.ptr = self._buf.ctypes.data
         MKL.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS if trans else _NO_TRANS, m, self.n, self.k, 1.0,
-                             w.ctypes.data, w.shape[1], self._buf.ctypes.data)
+                             w.ctypes.data, w.shape[1], self.ptr)
+
+    @contextlib.contextmanager
+    def threads(self) -> Iterator[None]:
+        """MKL on one thread for the products of this size below MKL_PARALLEL_MIN."""
+        if self.m * self.n * self.k >= MKL_PARALLEL_MIN:
+            yield
+            return
+        prev = MKL.MKL_Set_Num_Threads_Local(1)
+        try:
+            yield
+        finally:
+            MKL.MKL_Set_Num_Threads_Local(prev)
 
     def __call__(self, a: np.ndarray, out: np.ndarray, beta: float = 0.0) -> np.ndarray:
         """out (m, N) = a (m, K) @ op(w) + beta * out; rows of both contiguous, float32."""
-        serial = self.m * self.n * self.k < MKL_PARALLEL_MIN
-        if serial:
-            prev = MKL.MKL_Set_Num_Threads_Local(1)
-        MKL.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, self.m, self.n, self.k, a.ctypes.data,
-                                max(self.k, a.strides[0] // 4), self._buf.ctypes.data, self.k, beta,
-                                out.ctypes.data, max(self.n, out.strides[0] // 4))
-        if serial:
-            MKL.MKL_Set_Num_Threads_Local(prev)
+        with self.threads():
+            MKL.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, self.m, self.n, self.k, a.ctypes.data,
+                                    max(self.k, a.strides[0] // 4), self.ptr, self.k, beta,
+                                    out.ctypes.data, max(self.n, out.strides[0] // 4))
         return out
 
 

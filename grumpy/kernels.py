@@ -142,8 +142,8 @@ def gru_sequence_forward(
     # MKL's packed product when available; else a contiguous transposed copy: products on
     # a transposed view run up to 2x slower. One stream at large sizes uses W_hh itself
     # (matrix-vector products on its rows).
-    pk = _blas.packed(weight_hh, B, trans=True) if compiled and per_step and B > 1 else None
-    whh_t = None if compiled and per_step and (B == 1 or pk is not None) else _transposed(weight_hh)
+    pk = _blas.packed(weight_hh, B, trans=True) if compiled and B > 1 else None
+    whh_t = None if compiled and (pk is not None or (per_step and B == 1)) else _transposed(weight_hh)
     if not keep_cache and compiled and per_step:
         return _forward_inference(x, h0, weight_ih, weight_hh, whh_t, pk, bias_ih, bias_hh, reverse, mask)
 
@@ -166,7 +166,11 @@ def gru_sequence_forward(
         bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
         m2 = _mask2(mask, T, dt)
         gh = np.empty((B, 3 * H), dt)
-        if not per_step:
+        if pk is not None:
+            with pk.threads():
+                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, gates, bhh, hs, hn_all, m2, reverse, gh,
+                                       B * H >= PARALLEL_MIN)
+        elif not per_step:
             nb.forward_loop(gates, whh_t, bhh, hs, hn_all, m2, reverse, gh)
         else:
             fused = nb.gates_forward_parallel if B * H >= PARALLEL_MIN else nb.gates_forward_serial
@@ -175,8 +179,6 @@ def gru_sequence_forward(
                 ip, io = (t + 1, t) if reverse else (t, t + 1)
                 if B == 1:  # W h on contiguous rows: measured 1.3x faster than h W^T here
                     matmul(whh, hs[ip, 0], gh[0])
-                elif pk is not None:
-                    pk(hs[ip], gh)
                 else:
                     matmul(hs[ip], whh_t, gh)
                 fused(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], m2[t])
@@ -269,7 +271,7 @@ def _forward_inference(
     gbuf = np.empty((chunk, B, 3 * H), dt)
     hs = np.empty((T + 1, B, H), dt)
     hs[T if reverse else 0] = h0
-    hn = np.empty((B, H), dt)
+    hn = np.empty((chunk if pk is not None else 1, B, H), dt)
     gh = np.empty((B, 3 * H), dt)
     bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
     m2 = _mask2(mask, T, dt)
@@ -284,15 +286,18 @@ def _forward_inference(
         matmul(x[lo : lo + n].reshape(n * B, I), w_ih_t, g.reshape(n * B, 3 * H))
         if bias_ih is not None:
             g += bias_ih
+        if pk is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
+            with pk.threads():
+                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, g, bhh, hs[lo : lo + n + 1], hn[:n], m2[lo : lo + n],
+                                       reverse, gh, B * H >= PARALLEL_MIN)
+            continue
         for t in ts:
             ip, io = (t + 1, t) if reverse else (t, t + 1)
             if B == 1:
                 matmul(whh, hs[ip, 0], gh[0])
-            elif pk is not None:
-                pk(hs[ip], gh)
             else:
                 matmul(hs[ip], whh_t, gh)
-            fused(g[t - lo], gh, bhh, hs[ip], hs[io], hn, m2[t])
+            fused(g[t - lo], gh, bhh, hs[ip], hs[io], hn[0], m2[t])
     _, h_out = state_views(hs, reverse)
     output = h_out * mask if mask is not None else h_out
     return output, hs[0 if reverse else T].copy(), None
@@ -434,19 +439,20 @@ def _backward_compiled(
     d_output = np.ascontiguousarray(d_output, dt)
     whh = np.ascontiguousarray(weight_hh)
     dhh = np.empty((B, H), dt)
-    if B * H * 3 * H <= LOOP_MAX_MACS:
+    pk = _blas.packed(whh, B, trans=False) if B > 1 else None
+    if pk is not None:
+        with pk.threads():
+            nb.backward_loop_packed(_blas.COMPUTE, pk.ptr, d_output, hs, dgh, da_n, m2, reverse, dh,
+                                    B * H >= PARALLEL_MIN)
+    elif B * H * 3 * H <= LOOP_MAX_MACS:
         nb.backward_loop(d_output, hs, dgh, da_n, m2, reverse, whh, dh, dhh)
     else:
         fused = nb.gates_backward_parallel if B * H >= PARALLEL_MIN else nb.gates_backward_serial
         # Also for one stream: d W_hh reads W_hh's rows in order, and measured faster
         # (210 against 250 us at H=1024) than a product with a transposed copy.
-        pk = _blas.packed(whh, B, trans=False) if B > 1 else None
         for t in range(T) if reverse else range(T - 1, -1, -1):
             fused(d_output[t], hs[t + 1 if reverse else t], dgh[t], da_n[t], m2[t], dh)
-            if pk is not None:
-                pk(dgh[t], dh, beta=1.0)
-            else:
-                matmul(dgh[t], whh, dh, beta=1.0)
+            matmul(dgh[t], whh, dh, beta=1.0)
 
     dgh2 = dgh.reshape(T * B, 3 * H)
     dan2 = da_n.reshape(T * B, H)

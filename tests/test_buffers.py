@@ -16,9 +16,13 @@ def grads_fresh(params, x, h0, d_out):
     return out, h_n, dx, dh0, g
 
 
-@pytest.mark.parametrize("branch", ["loop", "per-step"])
+@pytest.mark.parametrize("branch", ["loop", "per-step", "per-step-no-mkl"])
 def test_reused_buffers_give_the_same_results_as_fresh_ones(monkeypatch, branch):
-    if branch == "per-step":
+    if branch == "per-step-no-mkl":
+        from grumpy import _blas
+
+        monkeypatch.setattr(_blas, "MKL", None)
+    if branch.startswith("per-step"):
         monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
     rng = np.random.default_rng(0)
     gru = GRU(5, 7, seed=0)

@@ -2,7 +2,8 @@
 
 Every branch is forced: the NumPy path (float64, reset_after=False), the compiled
 whole-loop path, and the compiled per-step inference path with its chunked
-input projections, for one stream and for a batch.
+input projections (its time loop compiled with MKL's packed product, or in
+Python without MKL), for one stream and for a batch.
 """
 
 import numpy as np
@@ -34,9 +35,13 @@ def assert_same(want, got, dtype):
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("branch", ["default", "per-step"])
+@pytest.mark.parametrize("branch", ["default", "per-step", "per-step-no-mkl"])
 def test_inference_matches_training_forward(monkeypatch, dtype, reset_after, bidirectional, masked, branch):
-    if branch == "per-step":
+    if branch == "per-step-no-mkl":  # the Python time loop that runs where MKL is not installed
+        from grumpy import _blas
+
+        monkeypatch.setattr(_blas, "MKL", None)
+    if branch.startswith("per-step"):
         monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
         monkeypatch.setattr(K, "_INFER_CHUNK_BYTES", 3 * 4 * 6 * 3 * 2)  # a few steps per chunk
     rng = np.random.default_rng(0)
