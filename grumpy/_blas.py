@@ -165,8 +165,9 @@ class Packed:
         off = -raw.ctypes.data % 64
         self._buf = raw[off : off + size]
         self.ptr = self._buf.ctypes.data
-        MKL.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS if trans else _NO_TRANS, m, self.n, self.k, 1.0,
-                             w.ctypes.data, w.shape[1], self.ptr)
+        with self.threads():  # small: packing on the calling thread too, no pool to wake
+            MKL.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS if trans else _NO_TRANS, m, self.n, self.k, 1.0,
+                                 w.ctypes.data, w.shape[1], self.ptr)
 
     @contextlib.contextmanager
     def threads(self) -> Iterator[None]:
