@@ -104,7 +104,7 @@ def test_packed_is_none_without_mkl_or_for_float64(monkeypatch: pytest.MonkeyPat
 
 
 @needs_mkl
-@pytest.mark.parametrize("B,H,masked", [(1, 512, False), (32, 256, True), (64, 128, False)])
+@pytest.mark.parametrize("B,H,masked", [(1, 512, False), (1, 256, True), (32, 256, True), (64, 128, False), (4, 16, False)])
 def test_kernels_with_and_without_mkl_agree(monkeypatch: pytest.MonkeyPatch, B: int, H: int, masked: bool) -> None:
     """The per-step packed products and MKL's other products give the NumPy path's results."""
     rng = np.random.default_rng(B * H)
