@@ -19,8 +19,9 @@ Measures, in tokens per second (B*T per second):
   reset through ``/proc/self/clear_refs`` after a warm-up step) minus the
   resident memory before that step, in a fresh process per side;
 * the roofline: the float32 matrix-product rate of a large square product, and
-  each training point as a percentage of it, counting
-  6 * 3H * (I + H) + 6 * H * V floating-point operations per token.
+  each training and inference point as a percentage of it, counting
+  6 * 3H * (I + H) + 6 * H * V floating-point operations per token for training
+  and a third of that, the forward's, for inference.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ FULL = {"H": [64, 256, 1024], "B": [1, 32, 128], "gen_H": [256, 1024], "mem": (1
 QUICK = {"H": [64], "B": [1, 32], "gen_H": [256], "mem": (64, 32)}
 
 
-def flops_per_token(H: int, I: int = I_SIZE, V: int = V_SIZE) -> int:
-    """Training flops per token: forward 2 per multiply-add, backward twice the forward."""
-    return 6 * 3 * H * (I + H) + 6 * H * V
+def flops_per_token(H: int, I: int = I_SIZE, V: int = V_SIZE, mode: str = "train") -> int:
+    """Flops per token: the forward 2 per multiply-add of its products, training
+    three times that (the backward twice the forward); generation is not counted."""
+    forward = 2 * 3 * H * (I + H) + 2 * H * V
+    return 3 * forward if mode == "train" else forward
 
 
 def _cores() -> int:
@@ -538,7 +541,8 @@ def to_markdown(res: dict[str, Any]) -> str:
     for p in res["points"]:
         r = p["tok_s"]
         g, t, j, n = r.get("grumpy"), r.get("torch"), r.get("jax"), r.get("numpy")
-        pct = "" if p["mode"] != "train" or not (roof and g) else f"{100 * g * flops_per_token(p['H']) / (roof * 1e9):.0f}%"
+        pct = ("" if p["mode"] == "gen" or not (roof and g)
+               else f"{100 * g * flops_per_token(p['H'], mode=p['mode']) / (roof * 1e9):.0f}%")
         lines.append(
             f"| {p['mode']} | {p['H']} | {p['B']} | {_fmt_rate(g)} | {_fmt_rate(t)} | {_fmt_rate(j)} "
             f"| {_ratio(g, t)} | {_ratio(g, j)} | {pct} |" + (f" {_fmt_rate(n)} | {_ratio(g, n)} |" if base else "")
@@ -559,7 +563,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     mm = ", ".join(f"{s} {g:.0f}" for s, g in res.get("matmul_gflops", {}).items() if g)
     if roof:
         out.append(f"Roofline: large float32 matrix product {roof:.0f} GFLOP/s (best of: {mm}; each measured at the start and the end); "
-                   "training counts 6*3H*(I+H) + 6*H*V flops per token.")
+                   "training counts 6*3H*(I+H) + 6*H*V flops per token, inference a third of that.")
     if res.get("compile_s"):
         cs = ", ".join(f"{k} {v:.1f}s" for k, v in res["compile_s"].items())
         out.append(f"JAX compile time (excluded above): {cs}.")
