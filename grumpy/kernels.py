@@ -38,10 +38,11 @@ _NB = None  # grumpy._nbkernels once imported; False when numba is missing or di
 # between the step's products) oversubscribed two cores: -4..-11% at B=128, H=256,
 # +6..9% at B=128, H=1024 (A/B in child processes). GRUMPY_PARALLEL_MIN overrides.
 PARALLEL_MIN = int(os.environ.get("GRUMPY_PARALLEL_MIN", 1 << 16))
-# Up to this many multiply-adds per step (B * H * 3H) the whole time loop runs
-# compiled (numba calling BLAS); above it the loop is Python's and the products
-# NumPy's, whose BLAS measured up to 1.6x faster on large products than the one
-# numba calls, while the per-step Python cost no longer matters.
+# Without MKL's packed product (see _use_packed): up to this many multiply-adds per
+# step (B * H * 3H) the whole time loop runs compiled (numba calling scipy's BLAS);
+# above it the loop is Python's and the products NumPy's, whose BLAS measured up to
+# 1.6x faster on large products than the one numba calls. With MKL the loop is
+# compiled at every size, except for one stream above this size.
 LOOP_MAX_MACS = int(os.environ.get("GRUMPY_LOOP_MAX_MACS", 1 << 19))
 
 
