@@ -102,7 +102,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, beta:
     """a (M, K) @ b (K, N) or (K,) [+ beta * out] -> out (M, N) or (M,), like ``np.matmul``.
 
     float32 goes to MKL when it is loaded (transposed views and row slices need no
-    copy); anything else to NumPy."""
+    copy); anything else to NumPy. ``out`` must not overlap ``a`` or ``b``."""
     if b.ndim == 1 and a.ndim == 2 and (out is None or out.ndim == 1):
         col = matmul(a, b[:, None], None if out is None else out[:, None], beta=beta)
         return col[:, 0] if out is None else out

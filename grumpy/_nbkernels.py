@@ -17,6 +17,8 @@ Imported lazily by :mod:`grumpy.kernels`, so ``import grumpy`` needs NumPy only.
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
@@ -104,10 +106,23 @@ def _gates_backward(do, hp, g, hn, m, dh):  # type: ignore[no-untyped-def]
             dhb[j] = (tot - dm) + dm * z
 
 
-gates_forward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_gates_forward)
-gates_forward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(_gates_forward)
-gates_backward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_gates_backward)
-gates_backward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(_gates_backward)
+def _named(f, suffix):  # type: ignore[no-untyped-def]
+    """A copy of f named f + suffix. numba names its cache files after the function and
+    keys them by signature, not by options: a serial and a parallel compilation of one
+    function shared one entry, so one could load the other's code (a parallel kernel
+    inside a loop compiled as serial crashed a fresh process)."""
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + suffix
+    g.__doc__ = f.__doc__
+    return g
+
+
+gates_forward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_forward, "_serial"))
+gates_forward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
+    _named(_gates_forward, "_parallel"))
+gates_backward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_backward, "_serial"))
+gates_backward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
+    _named(_gates_backward, "_parallel"))
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)

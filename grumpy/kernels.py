@@ -113,8 +113,9 @@ def _use_packed(B: int, H: int, per_step: bool) -> bool:
 
     Batches: always. One stream: inside the compiled loop from H = 128 on (7.3 against
     12.6 us per step for scipy's BLAS at H=256; at H=64 the benchmark measured no gain).
-    Not for one stream at large H, where NumPy's matrix-vector product was faster
-    (257 against 286 us at H=1024)."""
+    One stream at large H takes the ordinary product (:func:`grumpy._blas.matmul`):
+    packing measured no faster for a matrix-vector product (286 against 284 us at
+    H=1024), and a step that reads the whole W_hh once gains nothing from it."""
     return B > 1 or (not per_step and H >= 128)
 
 

@@ -5,6 +5,7 @@ of the compiled path (whole-loop, per-step serial, per-step parallel) and the
 NumPy fallback, at sizes small enough to stay fast.
 """
 
+import os
 import numpy as np
 import pytest
 
@@ -162,3 +163,33 @@ def test_prepared_step_is_a_snapshot_and_propagates_nan():
     h_nan = h.copy()
     h_nan[0] = np.nan
     assert np.isnan(step(x, h_nan)).all()  # every unit reads h[0] through W_hh
+
+
+def test_serial_and_parallel_kernels_never_share_a_cache_entry(tmp_path):
+    """numba keys its on-disk cache by function name and signature, not by options. When
+    the serial and parallel gate kernels were one function compiled twice, whichever was
+    cached first was loaded for both, and a fresh process crashed (SIGSEGV) running a
+    time loop whose serial kernel had come back parallel. Here the parallel kernels are
+    cached first, then the loops, then a third process runs the loops from the cache."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), GRUMPY_MKL="0")
+    first = (
+        "import numpy as np; from grumpy import _nbkernels as K\n"
+        "g = np.zeros((2, 12), np.float32); h = np.zeros((2, 4), np.float32); m = np.empty(0, np.float32)\n"
+        "K.gates_forward_parallel(g, g.copy(), np.zeros(12, np.float32), h, h.copy(), h.copy(), m)\n"
+        "K.gates_backward_parallel(h, h.copy(), g, h.copy(), m, h.copy())\n"
+    )
+    loops = (
+        "import numpy as np; from grumpy.layers import gru_forward, gru_backward; from grumpy import GRU\n"
+        "gru = GRU(3, 8, seed=0)\n"
+        "x = np.random.default_rng(0).standard_normal((1, 1, 3)).astype(np.float32)\n"
+        "out, hn, cache = gru_forward(gru.params, x, np.zeros((1, 1, 8), np.float32))\n"
+        "gru_backward(gru.params, cache, np.ones_like(out))\n"
+        "print(float(np.abs(out).sum()))\n"
+    )
+    for code in (first, loops, loops):
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
