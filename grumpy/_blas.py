@@ -141,6 +141,16 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, beta:
     return out
 
 
+def column_sums(a: np.ndarray) -> np.ndarray:
+    """a (M, N) summed over its rows -> (N,), as ones (1, M) @ a: the bias gradients.
+
+    NumPy's a.sum(0) adds row after row in the array's precision (no pairwise
+    summation along axis 0); through BLAS it measured both faster and closer to
+    the float64 sum (12800 x 3072 float32: 6.3 against 18.0 ms, worst relative
+    error 1.9e-6 against 5.8e-6)."""
+    return matmul(np.ones((1, a.shape[0]), a.dtype), a)[0]
+
+
 def _numpy(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, beta: float) -> np.ndarray:
     if out is None or not beta:
         return np.matmul(a, b, out=out)

@@ -83,7 +83,7 @@ def _data(T: int, B: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
-    from grumpy._blas import matmul
+    from grumpy._blas import column_sums, matmul
     from grumpy.layers import GRU
     from grumpy.model import cross_entropy, nll
 
@@ -130,7 +130,7 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
         logits, out2 = logits_of()
         loss, d = cross_entropy(logits, y.reshape(-1))
         dW = matmul(d.T, out2)
-        db = d.sum(0)
+        db = column_sums(d)
         d_out = matmul(d, W).reshape(T, B, H)
         gru.zero_grad()
         gru.backward(d_out, input_grad=False)  # the inputs are data, as torch's (no requires_grad)

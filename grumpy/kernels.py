@@ -29,7 +29,7 @@ import os
 import numpy as np
 
 from grumpy import _blas
-from grumpy._blas import matmul
+from grumpy._blas import column_sums, matmul
 from grumpy._util import sigmoid
 
 _NB = None  # grumpy._nbkernels once imported; False when numba is missing or disabled
@@ -416,10 +416,10 @@ def gru_sequence_backward(
         rh = (gates[..., :H] * h_in).reshape(T * B, H)
         grads["weight_hh"] = np.concatenate([matmul(dG2[:, : 2 * H].T, h2), matmul(dG2[:, 2 * H :].T, rh)])
     if bias:
-        db = dG2.sum(0)
+        db = column_sums(dG2)
         grads["bias_ih"] = db
         if reset_after:
-            grads["bias_hh"] = np.concatenate([db[: 2 * H], d_hn.reshape(T * B, H).sum(0)])
+            grads["bias_hh"] = np.concatenate([db[: 2 * H], column_sums(d_hn.reshape(T * B, H))])
         else:
             grads["bias_hh"] = db.copy()
     return dx, dh, grads
@@ -480,8 +480,8 @@ def _backward_compiled(
         "weight_hh": matmul(dgh2.T, h2),
     }
     if bias:
-        db_hh = dgh2.sum(0)
-        grads["bias_ih"] = np.concatenate([db_hh[: 2 * H], dan2.sum(0)])
+        db_hh = column_sums(dgh2)
+        grads["bias_ih"] = np.concatenate([db_hh[: 2 * H], column_sums(dan2)])
         grads["bias_hh"] = db_hh
     return dx, dh, grads
 

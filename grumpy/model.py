@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from grumpy._blas import matmul
+from grumpy._blas import column_sums, matmul
 from grumpy._util import check_dtype, check_positive_int
 from grumpy.kernels import GRUStep, _numba, gru_step
 from grumpy.layers import GRU
@@ -225,7 +225,7 @@ class CharModel:
         V = self.config.vocab_size
         d2 = d_logits.reshape(T * B, V).astype(self.dtype, copy=False)
         matmul(d2.T, out.reshape(T * B, H), self._own_grads["head.weight"], beta=1.0)
-        self._own_grads["head.bias"] += d2.sum(0)
+        self._own_grads["head.bias"] += column_sums(d2)
         d_out = matmul(d2, self._own["head.weight"]).reshape(T, B, H)
         # one-hot inputs have no parameters: their gradient is not needed
         dx, dh0 = self.gru.backward(d_out, d_h_n, input_grad=bool(self.config.embedding_dim))

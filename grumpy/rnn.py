@@ -17,7 +17,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from grumpy._blas import matmul
+from grumpy._blas import column_sums, matmul
 from grumpy.kernels import state_views
 from grumpy.layers import BackwardKernel, ForwardKernel, RecurrentStack, StackCache, stack_backward, stack_forward
 
@@ -131,7 +131,7 @@ def rnn_sequence_backward(
         "weight_hh": matmul(dA2.T, h_in.reshape(T * B, H)),
     }
     if bias:
-        db = dA2.sum(0)
+        db = column_sums(dA2)
         grads["bias_ih"] = db
         grads["bias_hh"] = db.copy()
     return dx, dh, grads

@@ -135,3 +135,15 @@ def test_grumpy_mkl_0_switches_it_off() -> None:
     env = {**os.environ, "GRUMPY_MKL": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("M,N", [(7, 5), (3000, 700)])
+def test_column_sums_at_least_as_accurate_as_numpys(M: int, N: int) -> None:
+    rng = np.random.default_rng(M)
+    a = (rng.standard_normal((M, N)) * 1e-3 + 2e-4).astype(np.float32)
+    truth = a.astype(np.float64).sum(0)
+    got = _blas.column_sums(a)
+    assert got.shape == (N,) and got.dtype == np.float32
+    err = np.abs(got - truth).max()
+    assert err <= max(np.abs(a.sum(0) - truth).max(), 1e-7 * np.abs(truth).max())
+    np.testing.assert_allclose(_blas.column_sums(a.astype(np.float64)), truth, rtol=1e-12)
