@@ -106,6 +106,25 @@ def _gates_backward(do, hp, g, hn, m, dh):  # type: ignore[no-untyped-def]
             dhb[j] = (tot - dm) + dm * z
 
 
+def _gates_infer(g, gh, bhh, hp, ho, m):  # type: ignore[no-untyped-def]
+    """:func:`_gates_forward` for inference: only the new state is written (the gates
+    and W_hn h are not kept), 15-45% faster (B=128, H=256 and H=64)."""
+    B, H = hp.shape
+    masked = m.shape[0] > 0
+    b_r, b_z, b_n = bhh[:H], bhh[H : 2 * H], bhh[2 * H :]
+    for b in prange(B):
+        mb = m[b] if masked else _ONE
+        g_r, g_z, g_n = g[b, :H], g[b, H : 2 * H], g[b, 2 * H :]
+        h_r, h_z, h_n = gh[b, :H], gh[b, H : 2 * H], gh[b, 2 * H :]
+        hpb, hob = hp[b], ho[b]
+        for j in range(H):
+            r = sigm32(g_r[j] + h_r[j] + b_r[j])
+            z = sigm32(g_z[j] + h_z[j] + b_z[j])
+            n = tanh32(g_n[j] + r * (h_n[j] + b_n[j]))
+            h = hpb[j]
+            hob[j] = h + mb * ((n + z * (h - n)) - h)
+
+
 def _named(f, suffix):  # type: ignore[no-untyped-def]
     """A copy of f named f + suffix. numba names its cache files after the function and
     keys them by signature, not by options: a serial and a parallel compilation of one
@@ -120,6 +139,9 @@ def _named(f, suffix):  # type: ignore[no-untyped-def]
 gates_forward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_forward, "_serial"))
 gates_forward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
     _named(_gates_forward, "_parallel"))
+gates_infer_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_infer, "_serial"))
+gates_infer_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
+    _named(_gates_infer, "_parallel"))
 gates_backward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_backward, "_serial"))
 gates_backward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
     _named(_gates_backward, "_parallel"))
@@ -288,6 +310,23 @@ def forward_loop_packed(gemm, w, gates, bhh, hs, hn_all, mask, reverse, gh, para
             gates_forward_parallel(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], mask[t])
         else:
             gates_forward_serial(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], mask[t])
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def infer_loop_packed(gemm, w, gates, bhh, hs, mask, reverse, gh, parallel):  # type: ignore[no-untyped-def]
+    """:func:`forward_loop_packed` for inference (:func:`_gates_infer`): gates holds the
+    input projections of these steps and hs their states, as there."""
+    T, B, G = gates.shape
+    H = hs.shape[2]
+    for step in range(T):
+        t = T - 1 - step if reverse else step
+        ip = t + 1 if reverse else t
+        io = t if reverse else t + 1
+        gemm(_RM, _NT, _PK, B, G, H, hs[ip].ctypes.data, H, w, H, np.float32(0.0), gh.ctypes.data, G)
+        if parallel:
+            gates_infer_parallel(gates[t], gh, bhh, hs[ip], hs[io], mask[t])
+        else:
+            gates_infer_serial(gates[t], gh, bhh, hs[ip], hs[io], mask[t])
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)

@@ -156,7 +156,7 @@ def gru_sequence_forward(
     # (matrix-vector products on its rows).
     pk = _blas.packed(weight_hh, B, trans=True) if compiled and _use_packed(B, H, per_step) else None
     whh_t = None if compiled and (pk is not None or (per_step and B == 1)) else _transposed(weight_hh)
-    if not keep_cache and compiled and per_step:
+    if not keep_cache and compiled and (per_step or pk is not None):
         return _forward_inference(x, h0, weight_ih, weight_hh, whh_t, pk, bias_ih, bias_hh, reverse, mask)
 
     if compiled:  # the gates overwrite the input projections in place: one (T, B, 3H) array less
@@ -283,11 +283,10 @@ def _forward_inference(
     gbuf = np.empty((chunk, B, 3 * H), dt)
     hs = np.empty((T + 1, B, H), dt)
     hs[T if reverse else 0] = h0
-    hn = np.empty((chunk if pk is not None else 1, B, H), dt)
     gh = np.empty((B, 3 * H), dt)
     bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
     m2 = _mask2(mask, T, dt)
-    fused = nb.gates_forward_parallel if B * H >= PARALLEL_MIN else nb.gates_forward_serial
+    fused = nb.gates_infer_parallel if B * H >= PARALLEL_MIN else nb.gates_infer_serial
     w_ih_t = weight_ih.T
     whh = np.ascontiguousarray(weight_hh) if B == 1 else None
     order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
@@ -300,8 +299,8 @@ def _forward_inference(
             g += bias_ih
         if pk is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
             with pk.threads():
-                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, g, bhh, hs[lo : lo + n + 1], hn[:n], m2[lo : lo + n],
-                                       reverse, gh, B * H >= PARALLEL_MIN)
+                nb.infer_loop_packed(_blas.COMPUTE, pk.ptr, g, bhh, hs[lo : lo + n + 1], m2[lo : lo + n], reverse, gh,
+                                     B * H >= PARALLEL_MIN)
             continue
         for t in ts:
             ip, io = (t + 1, t) if reverse else (t, t + 1)
@@ -309,7 +308,7 @@ def _forward_inference(
                 matmul(whh, hs[ip, 0], gh[0])
             else:
                 matmul(hs[ip], whh_t, gh)
-            fused(g[t - lo], gh, bhh, hs[ip], hs[io], hn[0], m2[t])
+            fused(g[t - lo], gh, bhh, hs[ip], hs[io], m2[t])
     _, h_out = state_views(hs, reverse)
     output = h_out * mask if mask is not None else h_out
     return output, hs[0 if reverse else T].copy(), None
