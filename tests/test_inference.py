@@ -35,12 +35,14 @@ def assert_same(want, got, dtype):
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("branch", ["default", "per-step", "per-step-no-mkl"])
+@pytest.mark.parametrize("branch", ["default", "per-step", "per-step-no-mkl", "per-step-parallel"])
 def test_inference_matches_training_forward(monkeypatch, dtype, reset_after, bidirectional, masked, branch):
     if branch == "per-step-no-mkl":  # the Python time loop that runs where MKL is not installed
         from grumpy import _blas
 
         monkeypatch.setattr(_blas, "MKL", None)
+    if branch == "per-step-parallel":  # the gate kernels that use all cores, at any size
+        monkeypatch.setattr(K, "PARALLEL_MIN", 0)
     if branch.startswith("per-step"):
         monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
         monkeypatch.setattr(K, "_INFER_CHUNK_BYTES", 3 * 4 * 6 * 3 * 2)  # a few steps per chunk
