@@ -298,32 +298,21 @@ _RM, _NT, _PK = 101, 111, 151
 @njit(fastmath=_FM, error_model="numpy", cache=True)
 def forward_loop_packed(gemm, w, gates, bhh, hs, hn_all, mask, reverse, gh, parallel):  # type: ignore[no-untyped-def]
     """:func:`forward_loop` with gh = h @ W_hh^T from the packed W_hh; ``parallel``
-    picks the gate kernel that uses all cores."""
+    picks the gate kernels that use all cores. An empty hn_all (0, B, H) means
+    inference: :func:`_gates_infer`, which keeps neither the gates nor W_hn h."""
     T, B, G = gates.shape
     H = hs.shape[2]
+    keep = hn_all.shape[0] > 0
     for step in range(T):
         t = T - 1 - step if reverse else step
         ip = t + 1 if reverse else t
         io = t if reverse else t + 1
         gemm(_RM, _NT, _PK, B, G, H, hs[ip].ctypes.data, H, w, H, np.float32(0.0), gh.ctypes.data, G)
-        if parallel:
+        if keep and parallel:
             gates_forward_parallel(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], mask[t])
-        else:
+        elif keep:
             gates_forward_serial(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], mask[t])
-
-
-@njit(fastmath=_FM, error_model="numpy", cache=True)
-def infer_loop_packed(gemm, w, gates, bhh, hs, mask, reverse, gh, parallel):  # type: ignore[no-untyped-def]
-    """:func:`forward_loop_packed` for inference (:func:`_gates_infer`): gates holds the
-    input projections of these steps and hs their states, as there."""
-    T, B, G = gates.shape
-    H = hs.shape[2]
-    for step in range(T):
-        t = T - 1 - step if reverse else step
-        ip = t + 1 if reverse else t
-        io = t if reverse else t + 1
-        gemm(_RM, _NT, _PK, B, G, H, hs[ip].ctypes.data, H, w, H, np.float32(0.0), gh.ctypes.data, G)
-        if parallel:
+        elif parallel:
             gates_infer_parallel(gates[t], gh, bhh, hs[ip], hs[io], mask[t])
         else:
             gates_infer_serial(gates[t], gh, bhh, hs[ip], hs[io], mask[t])

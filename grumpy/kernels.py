@@ -287,6 +287,7 @@ def _forward_inference(
     bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
     m2 = _mask2(mask, T, dt)
     fused = nb.gates_infer_parallel if B * H >= PARALLEL_MIN else nb.gates_infer_serial
+    no_hn = np.empty((0, B, H), dt)  # tells the compiled loop to keep nothing
     w_ih_t = weight_ih.T
     whh = np.ascontiguousarray(weight_hh) if B == 1 else None
     order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
@@ -299,8 +300,8 @@ def _forward_inference(
             g += bias_ih
         if pk is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
             with pk.threads():
-                nb.infer_loop_packed(_blas.COMPUTE, pk.ptr, g, bhh, hs[lo : lo + n + 1], m2[lo : lo + n], reverse, gh,
-                                     B * H >= PARALLEL_MIN)
+                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, g, bhh, hs[lo : lo + n + 1], no_hn, m2[lo : lo + n],
+                                       reverse, gh, B * H >= PARALLEL_MIN)
             continue
         for t in ts:
             ip, io = (t + 1, t) if reverse else (t, t + 1)
