@@ -85,6 +85,19 @@ MKL_MIN_MACS = 1 << 18
 MKL_PARALLEL_MIN = int(os.environ.get("GRUMPY_MKL_PARALLEL_MIN", 1 << 21))
 
 
+@contextlib.contextmanager
+def _threads(macs: int) -> Iterator[None]:
+    """MKL on one thread for a product of fewer than MKL_PARALLEL_MIN multiply-adds."""
+    if macs >= MKL_PARALLEL_MIN:
+        yield
+        return
+    prev = MKL.MKL_Set_Num_Threads_Local(1)
+    try:
+        yield
+    finally:
+        MKL.MKL_Set_Num_Threads_Local(prev)
+
+
 def _operand(a: np.ndarray) -> tuple[np.ndarray, int, int]:
     """(array, transpose flag, leading dimension) describing a 2-D float32 array to CBLAS
     without a copy when its rows or its columns are contiguous; else a contiguous copy."""
@@ -129,13 +142,9 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, beta:
             c[...] = out
     A, ta, lda = _operand(a)
     Bm, tb, ldb = _operand(b)
-    serial = M * N * K < MKL_PARALLEL_MIN
-    if serial:
-        prev = MKL.MKL_Set_Num_Threads_Local(1)
-    MKL.cblas_sgemm(_ROW_MAJOR, ta, tb, M, N, K, 1.0, A.ctypes.data, lda, Bm.ctypes.data, ldb, beta,
-                    c.ctypes.data, ldc)
-    if serial:
-        MKL.MKL_Set_Num_Threads_Local(prev)
+    with _threads(M * N * K):
+        MKL.cblas_sgemm(_ROW_MAJOR, ta, tb, M, N, K, 1.0, A.ctypes.data, lda, Bm.ctypes.data, ldb, beta,
+                        c.ctypes.data, ldc)
     if c is not out:
         out[...] = c
     return out
@@ -179,17 +188,9 @@ class Packed:
             MKL.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS if trans else _NO_TRANS, m, self.n, self.k, 1.0,
                                  w.ctypes.data, w.shape[1], self.ptr)
 
-    @contextlib.contextmanager
-    def threads(self) -> Iterator[None]:
-        """MKL on one thread for the products of this size below MKL_PARALLEL_MIN."""
-        if self.m * self.n * self.k >= MKL_PARALLEL_MIN:
-            yield
-            return
-        prev = MKL.MKL_Set_Num_Threads_Local(1)
-        try:
-            yield
-        finally:
-            MKL.MKL_Set_Num_Threads_Local(prev)
+    def threads(self) -> contextlib.AbstractContextManager[None]:
+        """MKL on one thread while products of this size run, if they are small."""
+        return _threads(self.m * self.n * self.k)
 
     def __call__(self, a: np.ndarray, out: np.ndarray, beta: float = 0.0) -> np.ndarray:
         """out (m, N) = a (m, K) @ op(w) + beta * out; rows of both contiguous, float32."""

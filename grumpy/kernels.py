@@ -450,14 +450,13 @@ def _backward_compiled(
     m2 = _mask2(mask, T, dt)
     d_output = np.ascontiguousarray(d_output, dt)
     whh = np.ascontiguousarray(weight_hh)
-    dhh = np.empty((B, H), dt)
     pk = _blas.packed(whh, B, trans=False) if _use_packed(B, H, B * H * 3 * H > LOOP_MAX_MACS) else None
     if pk is not None:
         with pk.threads():
             nb.backward_loop_packed(_blas.COMPUTE, pk.ptr, d_output, hs, dgh, da_n, m2, reverse, dh,
                                     B * H >= PARALLEL_MIN)
     elif B * H * 3 * H <= LOOP_MAX_MACS:
-        nb.backward_loop(d_output, hs, dgh, da_n, m2, reverse, whh, dh, dhh)
+        nb.backward_loop(d_output, hs, dgh, da_n, m2, reverse, whh, dh, np.empty((B, H), dt))
     else:
         fused = nb.gates_backward_parallel if B * H >= PARALLEL_MIN else nb.gates_backward_serial
         # Also for one stream: d W_hh reads W_hh's rows in order, and measured faster
