@@ -31,7 +31,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import Any, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -60,6 +61,8 @@ def _load() -> Any:
         lib.cblas_sgemm_compute.argtypes = [i, i, i, i, i, i, p, i, p, i, f, p, i]
         lib.MKL_Set_Num_Threads_Local.restype = i
         lib.MKL_Set_Num_Threads_Local.argtypes = [i]
+        lib.MKL_Get_Max_Threads.restype = i
+        lib.MKL_Get_Max_Threads.argtypes = []
         return lib
     except Exception:  # no wheel, another platform, a broken install: NumPy's BLAS instead
         return None
@@ -91,6 +94,13 @@ def _threads(macs: int) -> Iterator[None]:
     if macs >= MKL_PARALLEL_MIN:
         yield
         return
+    with one_thread():
+        yield
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """MKL on the calling thread only, inside the block."""
     prev = MKL.MKL_Set_Num_Threads_Local(1)
     try:
         yield
@@ -131,23 +141,27 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, beta:
         out = np.empty((M, N), _F32)
         beta = 0.0
     c = out
-    if N == 1 and (M == 1 or c.strides[0] == 4):
-        ldc = 1
-    elif c.strides[1] == 4 and c.strides[0] % 4 == 0 and (M == 1 or c.strides[0] >= 4 * N):
-        ldc = N if M == 1 else c.strides[0] // 4
-    else:
-        c = np.empty((M, N), _F32)
-        ldc = N
+    column = N == 1 and (M == 1 or c.strides[0] == 4)
+    if not column and not (c.strides[1] == 4 and c.strides[0] % 4 == 0 and (M == 1 or c.strides[0] >= 4 * N)):
+        c = np.empty((M, N), _F32)  # rows not contiguous: CBLAS cannot write there
         if beta:
             c[...] = out
-    A, ta, lda = _operand(a)
-    Bm, tb, ldb = _operand(b)
     with _threads(M * N * K):
-        MKL.cblas_sgemm(_ROW_MAJOR, ta, tb, M, N, K, 1.0, A.ctypes.data, lda, Bm.ctypes.data, ldb, beta,
-                        c.ctypes.data, ldc)
+        _sgemm(a, b, c, beta)
     if c is not out:
         out[...] = c
     return out
+
+
+def _sgemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float) -> None:
+    """c = a @ b + beta * c by cblas_sgemm; c's rows contiguous (or one column)."""
+    M, K = a.shape
+    N = b.shape[1]
+    ldc = 1 if N == 1 and (M == 1 or c.strides[0] == 4) else (N if M == 1 else c.strides[0] // 4)
+    A, ta, lda = _operand(a)
+    Bm, tb, ldb = _operand(b)
+    MKL.cblas_sgemm(_ROW_MAJOR, ta, tb, M, N, K, 1.0, A.ctypes.data, lda, Bm.ctypes.data, ldb, beta,
+                    c.ctypes.data, ldc)
 
 
 def column_sums(a: np.ndarray) -> np.ndarray:
@@ -175,10 +189,11 @@ class Packed:
     let compiled loops call the product themselves (see :mod:`grumpy._nbkernels`),
     inside ``with p.threads():``."""
 
-    def __init__(self, w: np.ndarray, m: int, trans: bool) -> None:
+    def __init__(self, w: np.ndarray, m: int, trans: bool, serial: bool = False) -> None:
         w = np.ascontiguousarray(w, _F32)
         self.n, self.k = w.shape if trans else w.shape[::-1]
         self.m = m
+        self.serial = serial
         size = MKL.cblas_sgemm_pack_get_size(_B_MATRIX, m, self.n, self.k)
         raw = np.empty(size + 64, np.uint8)  # 64-byte aligned, as MKL's own allocator gives
         off = -raw.ctypes.data % 64
@@ -189,8 +204,9 @@ class Packed:
                                  w.ctypes.data, w.shape[1], self.ptr)
 
     def threads(self) -> contextlib.AbstractContextManager[None]:
-        """MKL on one thread while products of this size run, if they are small."""
-        return _threads(self.m * self.n * self.k)
+        """MKL on one thread while products of this size run, if they are small or
+        the products are one share of a batch run by :func:`run_each`."""
+        return one_thread() if self.serial else _threads(self.m * self.n * self.k)
 
     def __call__(self, a: np.ndarray, out: np.ndarray, beta: float = 0.0) -> np.ndarray:
         """out (m, N) = a (m, K) @ op(w) + beta * out; rows of both contiguous, float32."""
@@ -201,8 +217,42 @@ class Packed:
         return out
 
 
-def packed(w: np.ndarray, m: int, trans: bool) -> Packed | None:
-    """A :class:`Packed` for 2-D float32 w when MKL is loaded, else None."""
+def packed(w: np.ndarray, m: int, trans: bool, serial: bool = False) -> Packed | None:
+    """A :class:`Packed` for 2-D float32 w when MKL is loaded, else None. ``serial``:
+    packed for products on one thread, as :func:`run_each` runs them."""
     if MKL is None or w.dtype != _F32 or w.ndim != 2 or m < 1 or 0 in w.shape:
         return None
-    return Packed(w, m, trans)
+    return Packed(w, m, trans, serial)
+
+
+def cores() -> int:
+    """The threads MKL would use (all cores, unless limited, e.g. by threadpoolctl); 1 without MKL."""
+    return max(1, MKL.MKL_Get_Max_Threads()) if MKL is not None else 1
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _task(fn: Callable[[], Any]) -> Any:
+    with one_thread():
+        return fn()
+
+
+def run_each(fns: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Call each of fns on its own thread (the first on the calling one), MKL on one
+    thread inside each, and return their results once all are done.
+
+    This is how a batch's rows are shared among the cores: one thread per share, each
+    through the whole sequence, with no synchronisation per step. Per-step parallel
+    products and gate kernels meet at a barrier twice a step, which at B=128, H=64
+    left one core idle (the step is too small to split) and at H=256 cost 20-40%.
+    The pool's threads wait on a queue, without spinning, between calls."""
+    global _POOL
+    if len(fns) > 1 and (_POOL is None or _POOL._max_workers < len(fns) - 1):
+        _POOL = ThreadPoolExecutor(len(fns) - 1, thread_name_prefix="grumpy")
+    futures = [_POOL.submit(_task, f) for f in fns[1:]] if _POOL is not None else []
+    try:
+        first = [_task(fns[0])]
+    finally:
+        rest = [f.result() for f in futures]  # waits for all, and raises the first error
+    return first + rest

@@ -290,44 +290,65 @@ def row_sums(e, s):  # type: ignore[no-untyped-def]
 
 # The time loops with MKL's packed product (grumpy._blas): ``gemm`` is
 # cblas_sgemm_compute (a C function pointer: numba calls it directly, and caches the
-# loop), ``w`` the address of the packed weights. No Python between steps: at B=32,
-# H=256 the Python loop spent about 8 of 100 us per step in calls.
+# loop), ``wh``/``wi`` the addresses of the packed weights. No Python between steps: at
+# B=32, H=256 the Python loop spent about 8 of 100 us per step in calls. Each loop runs
+# the batch rows b0:b1 only and releases the GIL, so that one thread per core can run
+# a share of the batch through the whole sequence, with no synchronisation per step
+# (the rows of a GRU batch never meet). Slicing rows inside keeps the arrays
+# contiguous for numba; a strided view passed in compiled to unvectorised gate loops.
 _RM, _NT, _PK = 101, 111, 151
 
 
-@njit(fastmath=_FM, error_model="numpy", cache=True)
-def forward_loop_packed(gemm, w, gates, bhh, hs, hn_all, mask, reverse, gh, parallel):  # type: ignore[no-untyped-def]
-    """:func:`forward_loop` with gh = h @ W_hh^T from the packed W_hh; ``parallel``
-    picks the gate kernels that use all cores. An empty hn_all (0, B, H) means
-    inference: :func:`_gates_infer`, which keeps neither the gates nor W_hn h."""
-    T, B, G = gates.shape
+@njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
+def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):  # type: ignore[no-untyped-def]
+    """:func:`forward_loop` for rows b0:b1 with gh = h @ W_hh^T from the packed W_hh.
+
+    ``wi`` 0: gates (T, B, 3H) hold the input projections (incl. b_ih). Else (inference)
+    x (T, B, I) times the packed W_ih, plus bih, is computed step by step into gates
+    (1, b1-b0, 3H), while its rows are in cache. An empty hn_all (0, B, H) means inference:
+    :func:`_gates_infer`, which keeps neither the gates nor W_hn h. ``parallel`` picks
+    the gate kernels that use all cores."""
+    T = hs.shape[0] - 1
     H = hs.shape[2]
+    G = 3 * H
+    I = x.shape[2]
+    n = b1 - b0
     keep = hn_all.shape[0] > 0
     for step in range(T):
         t = T - 1 - step if reverse else step
         ip = t + 1 if reverse else t
         io = t if reverse else t + 1
-        gemm(_RM, _NT, _PK, B, G, H, hs[ip].ctypes.data, H, w, H, np.float32(0.0), gh.ctypes.data, G)
+        g = gates[0] if wi != 0 else gates[t, b0:b1]
+        if wi != 0:
+            for b in range(n):
+                g[b] = bih
+            gemm(_RM, _NT, _PK, n, G, I, x[t, b0:b1].ctypes.data, I, wi, I, np.float32(1.0), g.ctypes.data, G)
+        hp, ho, m = hs[ip, b0:b1], hs[io, b0:b1], mask[t, b0:b1]
+        gemm(_RM, _NT, _PK, n, G, H, hp.ctypes.data, H, wh, H, np.float32(0.0), gh.ctypes.data, G)
         if keep and parallel:
-            gates_forward_parallel(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], mask[t])
+            gates_forward_parallel(g, gh, bhh, hp, ho, hn_all[t, b0:b1], m)
         elif keep:
-            gates_forward_serial(gates[t], gh, bhh, hs[ip], hs[io], hn_all[t], mask[t])
+            gates_forward_serial(g, gh, bhh, hp, ho, hn_all[t, b0:b1], m)
         elif parallel:
-            gates_infer_parallel(gates[t], gh, bhh, hs[ip], hs[io], mask[t])
+            gates_infer_parallel(g, gh, bhh, hp, ho, m)
         else:
-            gates_infer_serial(gates[t], gh, bhh, hs[ip], hs[io], mask[t])
+            gates_infer_serial(g, gh, bhh, hp, ho, m)
 
 
-@njit(fastmath=_FM, error_model="numpy", cache=True)
-def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel):  # type: ignore[no-untyped-def]
-    """:func:`backward_loop` with dh += dgh @ W_hh from the packed W_hh."""
-    T, B, G = gates.shape
+@njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
+def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel, b0, b1):  # type: ignore[no-untyped-def]
+    """:func:`backward_loop` for rows b0:b1 with dh += dgh @ W_hh from the packed W_hh."""
+    T = d_output.shape[0]
     H = dh.shape[1]
+    G = 3 * H
+    n = b1 - b0
+    d = dh[b0:b1]
     for step in range(T):
         t = step if reverse else T - 1 - step
         ip = t + 1 if reverse else t
+        g = gates[t, b0:b1]
         if parallel:
-            gates_backward_parallel(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+            gates_backward_parallel(d_output[t, b0:b1], hs[ip, b0:b1], g, hn_all[t, b0:b1], mask[t, b0:b1], d)
         else:
-            gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
-        gemm(_RM, _NT, _PK, B, H, G, gates[t].ctypes.data, G, w, G, np.float32(1.0), dh.ctypes.data, H)
+            gates_backward_serial(d_output[t, b0:b1], hs[ip, b0:b1], g, hn_all[t, b0:b1], mask[t, b0:b1], d)
+        gemm(_RM, _NT, _PK, n, H, G, g.ctypes.data, G, w, G, np.float32(1.0), d.ctypes.data, H)

@@ -44,6 +44,11 @@ PARALLEL_MIN = int(os.environ.get("GRUMPY_PARALLEL_MIN", 1 << 16))
 # 1.6x faster on large products than the one numba calls. With MKL the loop is
 # compiled at every size, except for one stream above this size.
 LOOP_MAX_MACS = int(os.environ.get("GRUMPY_LOOP_MAX_MACS", 1 << 19))
+# With MKL, a batch is shared among the cores (:func:`grumpy._blas.run_each`) when each
+# share gets at least this many rows; smaller batches use all cores in each step's
+# product instead (each share's product reads all of W_hh, which at small B and large
+# H is the cost of the step). GRUMPY_SHARE_MIN_ROWS overrides.
+SHARE_MIN_ROWS = int(os.environ.get("GRUMPY_SHARE_MIN_ROWS", 32))
 
 
 def _numba():  # type: ignore[no-untyped-def]
@@ -119,6 +124,15 @@ def _use_packed(B: int, H: int, per_step: bool) -> bool:
     return B > 1 or (not per_step and H >= 128)
 
 
+def _shares(B: int) -> list[tuple[int, int]] | None:
+    """The rows (b0, b1) of each core's share of a batch of B, or None (not shared)."""
+    n = min(_blas.cores(), B // max(1, SHARE_MIN_ROWS))
+    if _blas.MKL is None or n < 2:
+        return None
+    edges = [B * i // n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def state_views(hs: np.ndarray, reverse: bool) -> tuple[np.ndarray, np.ndarray]:
     """(states entering each step, states leaving each step), both (T, B, H) in time order."""
     return (hs[1:], hs[:-1]) if reverse else (hs[:-1], hs[1:])
@@ -151,6 +165,9 @@ def gru_sequence_forward(
     dt = x.dtype
     compiled = use_compiled(dt, reset_after)
     per_step = B * H * 3 * H > LOOP_MAX_MACS  # else the compiled path runs the whole loop compiled
+    shares = _shares(B) if compiled and not keep_cache else None
+    if shares is not None:
+        return _forward_inference_shared(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask, shares)
     # MKL's packed product when available; else a contiguous transposed copy: products on
     # a transposed view run up to 2x slower. One stream at large sizes uses W_hh itself
     # (matrix-vector products on its rows).
@@ -180,8 +197,8 @@ def gru_sequence_forward(
         gh = np.empty((B, 3 * H), dt)
         if pk is not None:
             with pk.threads():
-                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, gates, bhh, hs, hn_all, m2, reverse, gh,
-                                       B * H >= PARALLEL_MIN)
+                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, 0, np.empty((0, 0, 0), dt), gates, bhh, bhh, hs, hn_all, m2, reverse, gh,
+                                       B * H >= PARALLEL_MIN, 0, B)
         elif not per_step:
             nb.forward_loop(gates, whh_t, bhh, hs, hn_all, m2, reverse, gh)
         else:
@@ -300,8 +317,8 @@ def _forward_inference(
             g += bias_ih
         if pk is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
             with pk.threads():
-                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, g, bhh, hs[lo : lo + n + 1], no_hn, m2[lo : lo + n],
-                                       reverse, gh, B * H >= PARALLEL_MIN)
+                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, 0, np.empty((0, 0, 0), dt), g, bhh, bhh, hs[lo : lo + n + 1], no_hn,
+                                       m2[lo : lo + n], reverse, gh, B * H >= PARALLEL_MIN, 0, B)
             continue
         for t in ts:
             ip, io = (t + 1, t) if reverse else (t, t + 1)
@@ -310,6 +327,40 @@ def _forward_inference(
             else:
                 matmul(hs[ip], whh_t, gh)
             fused(g[t - lo], gh, bhh, hs[ip], hs[io], m2[t])
+    _, h_out = state_views(hs, reverse)
+    output = h_out * mask if mask is not None else h_out
+    return output, hs[0 if reverse else T].copy(), None
+
+
+def _forward_inference_shared(
+    x: np.ndarray, h0: np.ndarray, weight_ih: np.ndarray, weight_hh: np.ndarray, bias_ih: np.ndarray | None,
+    bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None, shares: list[tuple[int, int]],
+) -> tuple[np.ndarray, np.ndarray, None]:
+    """:func:`_forward_inference` with the batch shared among the cores (MKL): each share
+    of rows runs the whole sequence on its own thread, input projections included, step
+    by step, while its rows are in cache. Nothing of size T is kept but the states."""
+    nb = _numba()
+    T, B, _ = x.shape
+    H = h0.shape[-1]
+    dt = x.dtype
+    rows = max(b1 - b0 for b0, b1 in shares)
+    wh = _blas.Packed(weight_hh, rows, trans=True, serial=True)
+    wi = _blas.Packed(weight_ih, rows, trans=True, serial=True)
+    x = np.ascontiguousarray(x)
+    hs = np.empty((T + 1, B, H), dt)
+    hs[T if reverse else 0] = h0
+    bih = bias_ih if bias_ih is not None else np.zeros(3 * H, dt)
+    bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
+    m2 = _mask2(mask, T, dt)
+    no_hn = np.empty((0, B, H), dt)
+
+    def share(b0: int, b1: int) -> None:
+        g = np.empty((1, b1 - b0, 3 * H), dt)
+        gh = np.empty((b1 - b0, 3 * H), dt)
+        nb.forward_loop_packed(_blas.COMPUTE, wh.ptr, wi.ptr, x, g, bih, bhh, hs, no_hn, m2, reverse, gh,
+                               False, b0, b1)
+
+    _blas.run_each([lambda b0=b0, b1=b1: share(b0, b1) for b0, b1 in shares])
     _, h_out = state_views(hs, reverse)
     output = h_out * mask if mask is not None else h_out
     return output, hs[0 if reverse else T].copy(), None
@@ -454,7 +505,7 @@ def _backward_compiled(
     if pk is not None:
         with pk.threads():
             nb.backward_loop_packed(_blas.COMPUTE, pk.ptr, d_output, hs, dgh, da_n, m2, reverse, dh,
-                                    B * H >= PARALLEL_MIN)
+                                    B * H >= PARALLEL_MIN, 0, B)
     elif B * H * 3 * H <= LOOP_MAX_MACS:
         nb.backward_loop(d_output, hs, dgh, da_n, m2, reverse, whh, dh, np.empty((B, H), dt))
     else:

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import grumpy.kernels as K
 from grumpy import _blas
 from grumpy._blas import matmul
 from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
@@ -147,3 +148,49 @@ def test_column_sums_at_least_as_accurate_as_numpys(M: int, N: int) -> None:
     err = np.abs(got - truth).max()
     assert err <= max(np.abs(a.sum(0) - truth).max(), 1e-7 * np.abs(truth).max())
     np.testing.assert_allclose(_blas.column_sums(a.astype(np.float64)), truth, rtol=1e-12)
+
+
+@needs_mkl
+def test_run_each_returns_in_order_raises_and_restores_threads():
+    before = _blas.cores()
+    seen = []
+
+    def work(i):
+        seen.append(_blas.cores())  # MKL on one thread inside each share
+        return i * i
+
+    assert _blas.run_each([lambda i=i: work(i) for i in range(3)]) == [0, 1, 4]
+    assert seen == [1, 1, 1]
+    assert _blas.cores() == before
+
+    def boom():
+        raise ValueError("share 1 failed")
+
+    with pytest.raises(ValueError, match="share 1 failed"):
+        _blas.run_each([lambda: None, boom])
+    assert _blas.cores() == before
+
+
+@needs_mkl
+@pytest.mark.parametrize("B", [64, 67, 129])
+def test_shared_inference_matches_training_forward(monkeypatch, B):
+    # Rows never meet in a GRU: sharing them among threads changes nothing but where
+    # the input projections are rounded (step by step), with even and uneven shares,
+    # reversed and masked.
+    rng = np.random.default_rng(B)
+    T, I, H = 7, 5, 24
+    w_ih = rng.standard_normal((3 * H, I)).astype(np.float32) * 0.3
+    w_hh = rng.standard_normal((3 * H, H)).astype(np.float32) * 0.3
+    b_ih, b_hh = (rng.standard_normal(3 * H).astype(np.float32) for _ in range(2))
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = rng.standard_normal((B, H)).astype(np.float32)
+    mask = (rng.random((T, B, 1)) > 0.3).astype(np.float32)
+    monkeypatch.setattr(K, "SHARE_MIN_ROWS", 16)
+    monkeypatch.setattr(_blas, "cores", lambda: 3)
+    assert K._shares(B) is not None
+    for reverse in (False, True):
+        for m in (None, mask):
+            want = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m)
+            got = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m, keep_cache=False)
+            np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=2e-7)
+            np.testing.assert_allclose(got[1], want[1], rtol=2e-6, atol=2e-7)

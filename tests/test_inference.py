@@ -1,9 +1,10 @@
 """forward(grad=False): the inference path keeps no cache and gives the same outputs.
 
 Every branch is forced: the NumPy path (float64, reset_after=False), the compiled
-whole-loop path, and the compiled per-step inference path with its chunked
+whole-loop path, the compiled per-step inference path with its chunked
 input projections (its time loop compiled with MKL's packed product, or in
-Python without MKL), for one stream and for a batch.
+Python without MKL), for one stream and for a batch, and the batch shared among
+threads (input projections step by step).
 """
 
 import numpy as np
@@ -35,8 +36,15 @@ def assert_same(want, got, dtype):
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("branch", ["default", "per-step", "per-step-no-mkl", "per-step-parallel"])
+@pytest.mark.parametrize("branch", ["default", "per-step", "per-step-no-mkl", "per-step-parallel", "shared"])
 def test_inference_matches_training_forward(monkeypatch, dtype, reset_after, bidirectional, masked, branch):
+    if branch == "shared":  # the batch's rows shared among threads, unevenly (1 and 2 rows)
+        from grumpy import _blas
+
+        if _blas.MKL is None:
+            pytest.skip("the shared path needs MKL")
+        monkeypatch.setattr(K, "SHARE_MIN_ROWS", 1)
+        monkeypatch.setattr(_blas, "cores", lambda: 2)
     if branch == "per-step-no-mkl":  # the Python time loop that runs where MKL is not installed
         from grumpy import _blas
 
