@@ -242,10 +242,10 @@ def run_each(fns: Sequence[Callable[[], Any]]) -> list[Any]:
     """Call each of fns on its own thread (the first on the calling one), MKL on one
     thread inside each, and return their results once all are done.
 
-    This is how a batch's rows are shared among the cores: one thread per share, each
-    through the whole sequence, with no synchronisation per step. Per-step parallel
-    products and gate kernels meet at a barrier twice a step, which at B=128, H=64
-    left one core idle (the step is too small to split) and at H=256 cost 20-40%.
+    This is how inference shares a batch's rows among the cores: one thread per share,
+    each through the whole sequence, with no synchronisation per step. Parallel
+    products and gate kernels inside each step meet at barriers every step, and at
+    B=128, H=64 a step is too small to split at all, which left one core idle.
     The pool's threads wait on a queue, without spinning, between calls."""
     global _POOL
     if len(fns) > 1 and (_POOL is None or _POOL._max_workers < len(fns) - 1):

@@ -44,11 +44,14 @@ PARALLEL_MIN = int(os.environ.get("GRUMPY_PARALLEL_MIN", 1 << 16))
 # 1.6x faster on large products than the one numba calls. With MKL the loop is
 # compiled at every size, except for one stream above this size.
 LOOP_MAX_MACS = int(os.environ.get("GRUMPY_LOOP_MAX_MACS", 1 << 19))
-# With MKL, a batch is shared among the cores (:func:`grumpy._blas.run_each`) when each
-# share gets at least this many rows; smaller batches use all cores in each step's
-# product instead (each share's product reads all of W_hh, which at small B and large
-# H is the cost of the step). GRUMPY_SHARE_MIN_ROWS overrides.
-SHARE_MIN_ROWS = int(os.environ.get("GRUMPY_SHARE_MIN_ROWS", 32))
+# With MKL, inference shares a batch among the cores (:func:`grumpy._blas.run_each`)
+# when each share gets at least this many rows. In-process A/B, shared against not, at
+# B=128: 0.60x the time at H=64, 0.90x at 256, 0.71x at 1024; at 32 rows a share it
+# measured 0.98-1.31x and at 16 0.80-1.49x, so smaller batches use all cores in each
+# step instead. Training measured no gain (0.96-1.10x): its large products before and
+# after the loops leave MKL's threads spinning beside the shares. GRUMPY_SHARE_MIN_ROWS
+# overrides.
+SHARE_MIN_ROWS = int(os.environ.get("GRUMPY_SHARE_MIN_ROWS", 64))
 
 
 def _numba():  # type: ignore[no-untyped-def]
