@@ -231,6 +231,8 @@ def cores() -> int:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_PID = 0  # a forked child has none of its parent's threads: it needs its own pool
 
 
 def _task(fn: Callable[[], Any]) -> Any:
@@ -247,9 +249,10 @@ def run_each(fns: Sequence[Callable[[], Any]]) -> list[Any]:
     products and gate kernels inside each step meet at barriers every step, and at
     B=128, H=64 a step is too small to split at all, which left one core idle.
     The pool's threads wait on a queue, without spinning, between calls."""
-    global _POOL
-    if len(fns) > 1 and (_POOL is None or _POOL._max_workers < len(fns) - 1):
+    global _POOL, _POOL_SIZE, _POOL_PID
+    if len(fns) - 1 > _POOL_SIZE or (_POOL is not None and _POOL_PID != os.getpid()):
         _POOL = ThreadPoolExecutor(len(fns) - 1, thread_name_prefix="grumpy")
+        _POOL_SIZE, _POOL_PID = len(fns) - 1, os.getpid()
     futures = [_POOL.submit(_task, f) for f in fns[1:]] if _POOL is not None else []
     try:
         first = [_task(fns[0])]

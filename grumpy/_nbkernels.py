@@ -291,10 +291,10 @@ def row_sums(e, s):  # type: ignore[no-untyped-def]
 # The time loops with MKL's packed product (grumpy._blas): ``gemm`` is
 # cblas_sgemm_compute (a C function pointer: numba calls it directly, and caches the
 # loop), ``wh``/``wi`` the addresses of the packed weights. No Python between steps: at
-# B=32, H=256 the Python loop spent about 8 of 100 us per step in calls. Each loop runs
-# the batch rows b0:b1 only and releases the GIL, so that one thread per core can run
-# a share of the batch through the whole sequence, with no synchronisation per step
-# (the rows of a GRU batch never meet). Slicing rows inside keeps the arrays
+# B=32, H=256 the Python loop spent about 8 of 100 us per step in calls. The forward
+# loop runs the batch rows b0:b1 only and releases the GIL, so that one thread per core
+# can run a share of the batch through the whole sequence, with no synchronisation per
+# step (the rows of a GRU batch never meet). Slicing rows inside keeps the arrays
 # contiguous for numba; a strided view passed in compiled to unvectorised gate loops.
 _RM, _NT, _PK = 101, 111, 151
 
@@ -335,20 +335,16 @@ def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reve
             gates_infer_serial(g, gh, bhh, hp, ho, m)
 
 
-@njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
-def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel, b0, b1):  # type: ignore[no-untyped-def]
-    """:func:`backward_loop` for rows b0:b1 with dh += dgh @ W_hh from the packed W_hh."""
-    T = d_output.shape[0]
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel):  # type: ignore[no-untyped-def]
+    """:func:`backward_loop` with dh += dgh @ W_hh from the packed W_hh."""
+    T, B, G = gates.shape
     H = dh.shape[1]
-    G = 3 * H
-    n = b1 - b0
-    d = dh[b0:b1]
     for step in range(T):
         t = step if reverse else T - 1 - step
         ip = t + 1 if reverse else t
-        g = gates[t, b0:b1]
         if parallel:
-            gates_backward_parallel(d_output[t, b0:b1], hs[ip, b0:b1], g, hn_all[t, b0:b1], mask[t, b0:b1], d)
+            gates_backward_parallel(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
         else:
-            gates_backward_serial(d_output[t, b0:b1], hs[ip, b0:b1], g, hn_all[t, b0:b1], mask[t, b0:b1], d)
-        gemm(_RM, _NT, _PK, n, H, G, g.ctypes.data, G, w, G, np.float32(1.0), d.ctypes.data, H)
+            gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+        gemm(_RM, _NT, _PK, B, H, G, gates[t].ctypes.data, G, w, G, np.float32(1.0), dh.ctypes.data, H)

@@ -127,6 +127,9 @@ def _use_packed(B: int, H: int, per_step: bool) -> bool:
     return B > 1 or (not per_step and H >= 128)
 
 
+_NO_X = np.empty((0, 0, 0), np.float32)  # the compiled forward's x when the gates hold the input projections
+
+
 def _shares(B: int) -> list[tuple[int, int]] | None:
     """The rows (b0, b1) of each core's share of a batch of B, or None (not shared)."""
     n = min(_blas.cores(), B // max(1, SHARE_MIN_ROWS))
@@ -200,8 +203,8 @@ def gru_sequence_forward(
         gh = np.empty((B, 3 * H), dt)
         if pk is not None:
             with pk.threads():
-                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, 0, np.empty((0, 0, 0), dt), gates, bhh, bhh, hs, hn_all, m2, reverse, gh,
-                                       B * H >= PARALLEL_MIN, 0, B)
+                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, 0, _NO_X, gates, bhh, bhh, hs, hn_all, m2, reverse,
+                                       gh, B * H >= PARALLEL_MIN, 0, B)
         elif not per_step:
             nb.forward_loop(gates, whh_t, bhh, hs, hn_all, m2, reverse, gh)
         else:
@@ -320,7 +323,7 @@ def _forward_inference(
             g += bias_ih
         if pk is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
             with pk.threads():
-                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, 0, np.empty((0, 0, 0), dt), g, bhh, bhh, hs[lo : lo + n + 1], no_hn,
+                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, 0, _NO_X, g, bhh, bhh, hs[lo : lo + n + 1], no_hn,
                                        m2[lo : lo + n], reverse, gh, B * H >= PARALLEL_MIN, 0, B)
             continue
         for t in ts:
@@ -508,7 +511,7 @@ def _backward_compiled(
     if pk is not None:
         with pk.threads():
             nb.backward_loop_packed(_blas.COMPUTE, pk.ptr, d_output, hs, dgh, da_n, m2, reverse, dh,
-                                    B * H >= PARALLEL_MIN, 0, B)
+                                    B * H >= PARALLEL_MIN)
     elif B * H * 3 * H <= LOOP_MAX_MACS:
         nb.backward_loop(d_output, hs, dgh, da_n, m2, reverse, whh, dh, np.empty((B, H), dt))
     else:

@@ -194,3 +194,23 @@ def test_shared_inference_matches_training_forward(monkeypatch, B):
             got = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m, keep_cache=False)
             np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=2e-7)
             np.testing.assert_allclose(got[1], want[1], rtol=2e-6, atol=2e-7)
+
+
+@needs_mkl
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_run_each_works_in_a_forked_child():
+    # The pool's threads are the parent's: a forked child that reused the pool would
+    # wait forever for a thread it does not have.
+    assert _blas.run_each([lambda: 1, lambda: 2]) == [1, 2]  # the parent's pool exists
+    code = (
+        "import os, sys\n"
+        "from grumpy import _blas\n"
+        "_blas.run_each([lambda: 1, lambda: 2])\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if _blas.run_each([lambda: 3, lambda: 4]) == [3, 4] else 1)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(os.waitstatus_to_exitcode(status))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
