@@ -43,3 +43,21 @@ def test_bench_rejects_unknown_side():
     from grumpy.cli import main
 
     assert main(["bench", "--sides", "grumpy,tensorflow"]) == 2
+
+
+def test_bandwidth_script_prints_the_single_stream_bound(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bandwidth.py"
+    spec = importlib.util.spec_from_file_location("bandwidth", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main([64])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == 2  # one thread and all threads
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        us, gbs, bound = float(cells[3]), float(cells[4]), float(cells[5].replace(",", ""))
+        assert us > 0 and gbs > 0
+        assert bound == pytest.approx(1e6 / us, rel=0.05)  # tokens/s = 1 / seconds per product
