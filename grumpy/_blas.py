@@ -190,6 +190,8 @@ class Packed:
     inside ``with p.threads():``."""
 
     def __init__(self, w: np.ndarray, m: int, trans: bool, serial: bool = False) -> None:
+        """``serial``: packed on one thread, for products on one thread (the shares of
+        :func:`run_each`); MKL advises packing with the thread count that computes."""
         w = np.ascontiguousarray(w, _F32)
         self.n, self.k = w.shape if trans else w.shape[::-1]
         self.m = m
@@ -217,12 +219,11 @@ class Packed:
         return out
 
 
-def packed(w: np.ndarray, m: int, trans: bool, serial: bool = False) -> Packed | None:
-    """A :class:`Packed` for 2-D float32 w when MKL is loaded, else None. ``serial``:
-    packed for products on one thread, as :func:`run_each` runs them."""
+def packed(w: np.ndarray, m: int, trans: bool) -> Packed | None:
+    """A :class:`Packed` for 2-D float32 w when MKL is loaded, else None."""
     if MKL is None or w.dtype != _F32 or w.ndim != 2 or m < 1 or 0 in w.shape:
         return None
-    return Packed(w, m, trans, serial)
+    return Packed(w, m, trans)
 
 
 def cores() -> int:
