@@ -307,6 +307,7 @@ def _forward_inference(
     hs = np.empty((T + 1, B, H), dt)
     hs[T if reverse else 0] = h0
     gh = np.empty((B, 3 * H), dt)
+    bih = bias_ih if bias_ih is not None else np.zeros(3 * H, dt)  # added by the gate kernel
     bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
     m2 = _mask2(mask, T, dt)
     fused = nb.gates_infer_parallel if B * H >= PARALLEL_MIN else nb.gates_infer_serial
@@ -319,11 +320,9 @@ def _forward_inference(
         lo, n = min(ts), len(ts)
         g = gbuf[:n]
         matmul(x[lo : lo + n].reshape(n * B, I), w_ih_t, g.reshape(n * B, 3 * H))
-        if bias_ih is not None:
-            g += bias_ih
         if pk is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
             with pk.threads():
-                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, 0, _NO_X, g, bhh, bhh, hs[lo : lo + n + 1], no_hn,
+                nb.forward_loop_packed(_blas.COMPUTE, pk.ptr, 0, _NO_X, g, bih, bhh, hs[lo : lo + n + 1], no_hn,
                                        m2[lo : lo + n], reverse, gh, B * H >= PARALLEL_MIN, 0, B)
             continue
         for t in ts:
@@ -332,7 +331,7 @@ def _forward_inference(
                 matmul(whh, hs[ip, 0], gh[0])
             else:
                 matmul(hs[ip], whh_t, gh)
-            fused(g[t - lo], gh, bhh, hs[ip], hs[io], m2[t])
+            fused(g[t - lo], gh, bih, bhh, hs[ip], hs[io], m2[t])
     _, h_out = state_views(hs, reverse)
     output = h_out * mask if mask is not None else h_out
     return output, hs[0 if reverse else T].copy(), None
