@@ -179,7 +179,8 @@ def test_serial_and_parallel_kernels_never_share_a_cache_entry(tmp_path):
     first = (
         "import numpy as np; from grumpy import _nbkernels as K\n"
         "g = np.zeros((2, 12), np.float32); h = np.zeros((2, 4), np.float32); m = np.empty(0, np.float32)\n"
-        "K.gates_forward_parallel(g, g.copy(), np.zeros(12, np.float32), h, h.copy(), h.copy(), m)\n"
+        "b = np.zeros(12, np.float32)\n"
+        "K.gates_forward_parallel(g, g.copy(), b, b, h, h.copy(), h.copy(), m)\n"
         "K.gates_backward_parallel(h, h.copy(), g, h.copy(), m, h.copy())\n"
     )
     loops = (
