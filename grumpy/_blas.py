@@ -88,48 +88,11 @@ MKL_MIN_MACS = 1 << 18
 MKL_PARALLEL_MIN = int(os.environ.get("GRUMPY_MKL_PARALLEL_MIN", 1 << 21))
 
 
-# From this many multiply-adds a product by :func:`matmul` ends with MKL's OpenMP
-# workers put to sleep instead of spinning. They spin for 0.2 s after each parallel
-# product (KMP_BLOCKTIME), which keeps a time loop's per-step products fast (waking
-# them measured 0.1-0.4 ms here), but a core spinning beside the shares of
-# :func:`run_each` slows them: training at B=128, H=1024 measured 0.90x the time with
-# its products above this size quiet. Per-step products are smaller, or are the packed
-# ones (:class:`Packed`), which never quiet the workers. GRUMPY_MKL_QUIET_MIN overrides.
-MKL_QUIET_MIN = int(os.environ.get("GRUMPY_MKL_QUIET_MIN", 1 << 28))
-_IOMP: Any = None
-
-
-def _iomp() -> Any:
-    """Intel's OpenMP runtime, as already loaded by MKL, or None (not loaded yet, or
-    MKL threads another way)."""
-    global _IOMP
-    if _IOMP is None:
-        try:
-            lib = ctypes.CDLL("libiomp5.so", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
-            lib.kmp_set_blocktime.argtypes = [ctypes.c_int]
-            lib.kmp_set_blocktime.restype = None
-            lib.kmp_get_blocktime.restype = ctypes.c_int
-            _IOMP = lib
-        except (OSError, AttributeError):
-            return None
-    return _IOMP
-
-
 @contextlib.contextmanager
-def _threads(macs: int, quiet: bool = False) -> Iterator[None]:
-    """MKL on one thread for a product of fewer than MKL_PARALLEL_MIN multiply-adds;
-    with ``quiet``, its workers sleeping right after one of MKL_QUIET_MIN or more."""
+def _threads(macs: int) -> Iterator[None]:
+    """MKL on one thread for a product of fewer than MKL_PARALLEL_MIN multiply-adds."""
     if macs >= MKL_PARALLEL_MIN:
-        iomp = _iomp() if quiet and macs >= MKL_QUIET_MIN else None
-        if iomp is None:
-            yield
-            return
-        prev = iomp.kmp_get_blocktime()
-        iomp.kmp_set_blocktime(0)
-        try:
-            yield
-        finally:
-            iomp.kmp_set_blocktime(prev)
+        yield
         return
     with one_thread():
         yield
@@ -183,7 +146,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, beta:
         c = np.empty((M, N), _F32)  # rows not contiguous: CBLAS cannot write there
         if beta:
             c[...] = out
-    with _threads(M * N * K, quiet=True):
+    with _threads(M * N * K):
         _sgemm(a, b, c, beta)
     if c is not out:
         out[...] = c

@@ -61,7 +61,7 @@ def _gates_forward(g, gh, bih, bhh, hp, ho, hn, m):  # type: ignore[no-untyped-d
     bhh (3H,) the biases; hp (B, H) the state in -> ho (B, H) the state out; hn (B, H)
     = W_hn h + b_hn; m (B,) the mask (1 valid, 0 padding) or (0,) for none.
 
-    b_ih is added here rather than over the whole (T, B, 3H) projection: that pass
+    b_ih is added here rather than over the whole (T, B, 3H) projection, a pass that
     read and wrote 157 MB at T=100, B=128, H=1024.
 
     Each row is cut into its r, z, n planes before the loop: with one 1-d view per
@@ -308,13 +308,13 @@ _RM, _NT, _PK = 101, 111, 151
 
 @njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
 def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):  # type: ignore[no-untyped-def]
-    """:func:`forward_loop` for rows b0:b1 with gh (b1-b0, 3H) = h @ W_hh^T from the packed W_hh.
+    """:func:`forward_loop` for rows b0:b1 with gh = h @ W_hh^T from the packed W_hh.
 
-    ``wi`` 0: gates (T, B, 3H) hold the input projections W_ih x. Else x (T, B, I) times
-    the packed W_ih is computed step by step into gates, while its rows are in cache:
-    gates (T, B, 3H) in training, or (1, B, 3H) for one step at a time in inference.
-    An empty hn_all (0, B, H) means inference: :func:`_gates_infer`, which keeps neither
-    the gates nor W_hn h. ``parallel`` picks the gate kernels that use all cores."""
+    ``wi`` 0: gates (T, B, 3H) hold the input projections W_ih x. Else (inference)
+    x (T, B, I) times the packed W_ih is computed step by step into gates (1, b1-b0, 3H),
+    while its rows are in cache. An empty hn_all (0, B, H) means inference:
+    :func:`_gates_infer`, which keeps neither the gates nor W_hn h. The gate kernels
+    add ``bih`` themselves. ``parallel`` picks the gate kernels that use all cores."""
     T = hs.shape[0] - 1
     H = hs.shape[2]
     G = 3 * H
@@ -325,7 +325,7 @@ def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reve
         t = T - 1 - step if reverse else step
         ip = t + 1 if reverse else t
         io = t if reverse else t + 1
-        g = gates[t if gates.shape[0] == T else 0, b0:b1]
+        g = gates[0] if wi != 0 else gates[t, b0:b1]
         if wi != 0:
             gemm(_RM, _NT, _PK, n, G, I, x[t, b0:b1].ctypes.data, I, wi, I, np.float32(0.0), g.ctypes.data, G)
         hp, ho, m = hs[ip, b0:b1], hs[io, b0:b1], mask[t, b0:b1]
@@ -340,21 +340,16 @@ def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reve
             gates_infer_serial(g, gh, bih, bhh, hp, ho, m)
 
 
-@njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
-def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel, b0, b1):  # type: ignore[no-untyped-def]
-    """:func:`backward_loop` for rows b0:b1 (of dh (B, H) too) with dh += dgh @ W_hh from
-    the packed W_hh. Releases the GIL, so that shares of a batch can run side by side."""
-    T = gates.shape[0]
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel):  # type: ignore[no-untyped-def]
+    """:func:`backward_loop` with dh += dgh @ W_hh from the packed W_hh."""
+    T, B, G = gates.shape
     H = dh.shape[1]
-    G = 3 * H
-    n = b1 - b0
-    d = dh[b0:b1]
     for step in range(T):
         t = step if reverse else T - 1 - step
         ip = t + 1 if reverse else t
-        g = gates[t, b0:b1]
         if parallel:
-            gates_backward_parallel(d_output[t, b0:b1], hs[ip, b0:b1], g, hn_all[t, b0:b1], mask[t, b0:b1], d)
+            gates_backward_parallel(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
         else:
-            gates_backward_serial(d_output[t, b0:b1], hs[ip, b0:b1], g, hn_all[t, b0:b1], mask[t, b0:b1], d)
-        gemm(_RM, _NT, _PK, n, H, G, g.ctypes.data, G, w, G, np.float32(1.0), d.ctypes.data, H)
+            gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+        gemm(_RM, _NT, _PK, B, H, G, gates[t].ctypes.data, G, w, G, np.float32(1.0), dh.ctypes.data, H)

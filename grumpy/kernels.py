@@ -44,18 +44,16 @@ PARALLEL_MIN = int(os.environ.get("GRUMPY_PARALLEL_MIN", 1 << 16))
 # 1.6x faster on large products than the one numba calls. With MKL the loop is
 # compiled at every size, except for one stream above this size.
 LOOP_MAX_MACS = int(os.environ.get("GRUMPY_LOOP_MAX_MACS", 1 << 19))
-# With MKL, a batch is shared among the cores (:func:`grumpy._blas.run_each`) when each
-# share gets at least this many rows. In-process A/B of inference, shared against not,
-# at B=128: 0.60x the time at H=64, 0.90x at 256, 0.71x at 1024; at 32 rows a share it
+# With MKL, inference shares a batch among the cores (:func:`grumpy._blas.run_each`)
+# when each share gets at least this many rows. In-process A/B, shared against not, at
+# B=128: 0.60x the time at H=64, 0.90x at 256, 0.71x at 1024; at 32 rows a share it
 # measured 0.98-1.31x and at 16 0.80-1.49x, so smaller batches use all cores in each
-# step instead. GRUMPY_SHARE_MIN_ROWS overrides.
+# step instead. Training measured no gain: 0.96-1.10x, and again 1.0-1.15x for the
+# whole step with per-share input products and per-share backward loops, although its
+# forward alone ran 0.7-0.87x; putting MKL's OpenMP workers to sleep after the large
+# products (kmp_set_blocktime 0) made it 1.07-1.12x slower still. GRUMPY_SHARE_MIN_ROWS
+# overrides.
 SHARE_MIN_ROWS = int(os.environ.get("GRUMPY_SHARE_MIN_ROWS", 64))
-# Training shares its loops from this many multiply-adds per step (B * H * 3H) on. Its
-# other products are MKL's parallel ones, whose OpenMP workers spin for 0.2 s after each
-# (see grumpy._blas.MKL_QUIET_MIN) beside the shares: a short step loses more to them
-# than the shares gain. Training step, in-process A/B at B=128: H=64 (1.6M) 1.05x the
-# time, H=256 (25M) 0.71-0.86x, H=1024 (403M) 0.92x. GRUMPY_SHARE_TRAIN_MIN_MACS overrides.
-SHARE_TRAIN_MIN_MACS = int(os.environ.get("GRUMPY_SHARE_TRAIN_MIN_MACS", 1 << 24))
 
 
 def _numba():  # type: ignore[no-untyped-def]
@@ -134,10 +132,10 @@ def _use_packed(B: int, H: int, per_step: bool) -> bool:
 _NO_X = np.empty((0, 0, 0), np.float32)  # the compiled forward's x when the gates hold the input projections
 
 
-def _shares(B: int, H: int, training: bool) -> list[tuple[int, int]] | None:
+def _shares(B: int) -> list[tuple[int, int]] | None:
     """The rows (b0, b1) of each core's share of a batch of B, or None (not shared)."""
     n = min(_blas.cores(), B // max(1, SHARE_MIN_ROWS))
-    if _blas.MKL is None or n < 2 or (training and B * H * 3 * H < SHARE_TRAIN_MIN_MACS):
+    if _blas.MKL is None or n < 2:
         return None
     edges = [B * i // n for i in range(n + 1)]
     return list(zip(edges[:-1], edges[1:]))
@@ -175,10 +173,9 @@ def gru_sequence_forward(
     dt = x.dtype
     compiled = use_compiled(dt, reset_after)
     per_step = B * H * 3 * H > LOOP_MAX_MACS  # else the compiled path runs the whole loop compiled
-    shares = _shares(B, H, keep_cache) if compiled else None
+    shares = _shares(B) if compiled and not keep_cache else None
     if shares is not None:
-        return _forward_shared(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask, shares, keep_cache,
-                               workspace)
+        return _forward_inference_shared(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask, shares)
     # MKL's packed product when available; else a contiguous transposed copy: products on
     # a transposed view run up to 2x slower. One stream at large sizes uses W_hh itself
     # (matrix-vector products on its rows).
@@ -343,15 +340,13 @@ def _forward_inference(
     return output, hs[0 if reverse else T].copy(), None
 
 
-def _forward_shared(
+def _forward_inference_shared(
     x: np.ndarray, h0: np.ndarray, weight_ih: np.ndarray, weight_hh: np.ndarray, bias_ih: np.ndarray | None,
     bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None, shares: list[tuple[int, int]],
-    keep_cache: bool, workspace: dict[str, np.ndarray] | None,
-) -> tuple[np.ndarray, np.ndarray, SeqCache | None]:
-    """The compiled forward with the batch shared among the cores (MKL): each share of
-    rows runs the whole sequence on its own thread, input projections included, step
-    by step, while its rows are in cache. Without a cache nothing of size T is kept
-    but the states; with one the gates and W_hn h + b_hn are, as in the unshared path."""
+) -> tuple[np.ndarray, np.ndarray, None]:
+    """:func:`_forward_inference` with the batch shared among the cores (MKL): each share
+    of rows runs the whole sequence on its own thread, input projections included, step
+    by step, while its rows are in cache. Nothing of size T is kept but the states."""
     nb = _numba()
     T, B, _ = x.shape
     H = h0.shape[-1]
@@ -365,29 +360,18 @@ def _forward_shared(
     bih = bias_ih if bias_ih is not None else np.zeros(3 * H, dt)
     bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
     m2 = _mask2(mask, T, dt)
-    if keep_cache:
-        gates = _scratch(workspace, "gates", (T, B, 3 * H), dt)
-        hn_all = _scratch(workspace, "hn", (T, B, H), dt)
-    else:  # one step's gates at a time; an empty hn_all tells the loop to keep nothing
-        gates = np.empty((1, B, 3 * H), dt)
-        hn_all = np.empty((0, B, H), dt)
+    no_hn = np.empty((0, B, H), dt)
 
     def share(b0: int, b1: int) -> None:
+        g = np.empty((1, b1 - b0, 3 * H), dt)
         gh = np.empty((b1 - b0, 3 * H), dt)
-        nb.forward_loop_packed(_blas.COMPUTE, wh.ptr, wi.ptr, x, gates, bih, bhh, hs, hn_all, m2, reverse, gh,
+        nb.forward_loop_packed(_blas.COMPUTE, wh.ptr, wi.ptr, x, g, bih, bhh, hs, no_hn, m2, reverse, gh,
                                False, b0, b1)
 
     _blas.run_each([lambda b0=b0, b1=b1: share(b0, b1) for b0, b1 in shares])
     _, h_out = state_views(hs, reverse)
-    h_last = hs[0 if reverse else T].copy()
-    if not keep_cache:
-        return (h_out * mask if mask is not None else h_out), h_last, None
-    if mask is not None:
-        output = h_out * mask
-    else:  # read-only, as in the unshared path: the backward pass reads hs
-        output = h_out.view()
-        output.flags.writeable = False
-    return output, h_last, SeqCache(x, hs, gates, hn_all, mask, reverse, True)
+    output = h_out * mask if mask is not None else h_out
+    return output, hs[0 if reverse else T].copy(), None
 
 
 def gru_sequence_backward(
@@ -525,17 +509,11 @@ def _backward_compiled(
     m2 = _mask2(mask, T, dt)
     d_output = np.ascontiguousarray(d_output, dt)
     whh = np.ascontiguousarray(weight_hh)
-    shares = _shares(B, H, True)
-    pk = _blas.packed(whh, B, trans=False) if shares is None and _use_packed(B, H, B * H * 3 * H > LOOP_MAX_MACS) else None
-    if shares is not None:  # as in the forward: each share of rows on its own core, through all steps
-        ps = _blas.Packed(whh, max(b1 - b0 for b0, b1 in shares), trans=False, serial=True)
-        _blas.run_each([lambda b0=b0, b1=b1: nb.backward_loop_packed(_blas.COMPUTE, ps.ptr, d_output, hs, dgh, da_n, m2,
-                                                                      reverse, dh, False, b0, b1)
-                        for b0, b1 in shares])
-    elif pk is not None:
+    pk = _blas.packed(whh, B, trans=False) if _use_packed(B, H, B * H * 3 * H > LOOP_MAX_MACS) else None
+    if pk is not None:
         with pk.threads():
             nb.backward_loop_packed(_blas.COMPUTE, pk.ptr, d_output, hs, dgh, da_n, m2, reverse, dh,
-                                    B * H >= PARALLEL_MIN, 0, B)
+                                    B * H >= PARALLEL_MIN)
     elif B * H * 3 * H <= LOOP_MAX_MACS:
         nb.backward_loop(d_output, hs, dgh, da_n, m2, reverse, whh, dh, np.empty((B, H), dt))
     else:

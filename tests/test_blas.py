@@ -186,81 +186,14 @@ def test_shared_inference_matches_training_forward(monkeypatch, B):
     h0 = rng.standard_normal((B, H)).astype(np.float32)
     mask = (rng.random((T, B, 1)) > 0.3).astype(np.float32)
     monkeypatch.setattr(K, "SHARE_MIN_ROWS", 16)
-    monkeypatch.setattr(K, "SHARE_TRAIN_MIN_MACS", 1 << 62)  # the training forward unshared
     monkeypatch.setattr(_blas, "cores", lambda: 3)
-    assert K._shares(B, H, False) is not None and K._shares(B, H, True) is None
+    assert K._shares(B) is not None
     for reverse in (False, True):
         for m in (None, mask):
             want = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m)
             got = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m, keep_cache=False)
             np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=2e-7)
             np.testing.assert_allclose(got[1], want[1], rtol=2e-6, atol=2e-7)
-
-
-@needs_mkl
-@pytest.mark.parametrize("B", [64, 67])
-def test_shared_training_matches_unshared(monkeypatch, B):
-    # Training shares the forward and backward loops among threads: outputs, the cache
-    # the backward reads and every gradient must be those of the unshared loops, with
-    # even and uneven shares, reversed and masked.
-    rng = np.random.default_rng(B + 1)
-    T, I, H = 6, 5, 24
-    w_ih = rng.standard_normal((3 * H, I)).astype(np.float32) * 0.3
-    w_hh = rng.standard_normal((3 * H, H)).astype(np.float32) * 0.3
-    b_ih, b_hh = (rng.standard_normal(3 * H).astype(np.float32) for _ in range(2))
-    x = rng.standard_normal((T, B, I)).astype(np.float32)
-    h0 = rng.standard_normal((B, H)).astype(np.float32)
-    d_out = rng.standard_normal((T, B, H)).astype(np.float32)
-    d_last = rng.standard_normal((B, H)).astype(np.float32)
-    mask = (rng.random((T, B, 1)) > 0.3).astype(np.float32)
-    monkeypatch.setattr(_blas, "cores", lambda: 3)
-    monkeypatch.setattr(K, "SHARE_TRAIN_MIN_MACS", 0)
-
-    def run(min_rows):
-        monkeypatch.setattr(K, "SHARE_MIN_ROWS", min_rows)
-        out, last, cache = gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m)
-        dx, dh0, grads = gru_sequence_backward(d_out, d_last, cache, w_ih, w_hh)
-        return [out, last, dx, dh0] + [grads[k] for k in sorted(grads)]
-
-    for reverse in (False, True):
-        for m in (None, mask):
-            want = run(1 << 30)
-            assert K._shares(B, H, True) is None
-            got = run(16)
-            assert K._shares(B, H, True) is not None
-            for g, w in zip(got, want):
-                np.testing.assert_allclose(g, w, rtol=2e-6, atol=2e-6)
-
-
-@needs_mkl
-@pytest.mark.skipif(_blas.cores() < 2, reason="one core: MKL has no workers to spin")
-def test_large_products_leave_mkls_workers_asleep():
-    # After a parallel product MKL's OpenMP workers spin for 0.2 s, a core taken from
-    # the shares of run_each; a quiet product puts them to sleep as it ends. Measured as
-    # the process's CPU time while the calling thread sleeps, in a fresh process: one
-    # that has imported torch first may have MKL on GNU OpenMP, whose workers do not.
-    code = (
-        "import time, numpy as np\n"
-        "from grumpy import _blas\n"
-        "a = np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32)\n"
-        "def cpu_after_product(quiet_min):\n"
-        "    _blas.MKL_QUIET_MIN = quiet_min\n"
-        "    _blas.matmul(a, a.T)\n"
-        "    c0 = time.process_time()\n"
-        "    time.sleep(0.3)\n"
-        "    return time.process_time() - c0\n"
-        "spun = cpu_after_product(1 << 62)\n"
-        "before = _blas._iomp().kmp_get_blocktime()\n"
-        "quiet = cpu_after_product(1)\n"
-        "print(spun, quiet, before, _blas._iomp().kmp_get_blocktime())\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    spun, quiet, before, after = (float(v) for v in r.stdout.split())
-    if spun < 0.1:
-        pytest.skip(f"MKL's workers did not spin here ({spun:.3f} s of CPU; KMP_BLOCKTIME set?)")
-    assert quiet < 0.05
-    assert after == before  # restored for the next per-step products
 
 
 @needs_mkl
