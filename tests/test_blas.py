@@ -96,6 +96,24 @@ def test_packed(B: int, H: int, trans: bool) -> None:
     np.testing.assert_allclose(p(a, out), ref, atol=tol, rtol=0)
 
 
+@needs_mkl
+def test_packed_buffers_are_reused_but_never_shared() -> None:
+    # A released pack's buffer serves the next pack of its size (no fresh 9 MB and its
+    # page faults every call), but two live packs never share one.
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((16, 32)).astype(np.float32)
+    w1, w2, w3 = (rng.standard_normal((96, 32)).astype(np.float32) for _ in range(3))
+    p1 = _blas.Packed(w1, 16, trans=True)
+    first = p1.ptr
+    del p1
+    p2 = _blas.Packed(w2, 16, trans=True)
+    p3 = _blas.Packed(w3, 16, trans=True)
+    assert first in (p2.ptr, p3.ptr) and p2.ptr != p3.ptr
+    out = np.empty((16, 96), np.float32)
+    for p, w in ((p2, w2), (p3, w3)):
+        np.testing.assert_allclose(p(a, out), a @ w.T, rtol=1e-5, atol=1e-4)
+
+
 def test_packed_is_none_without_mkl_or_for_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _blas.packed(np.ones((6, 2)), 3, trans=True) is None
     monkeypatch.setattr(_blas, "MKL", None)
