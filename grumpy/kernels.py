@@ -141,6 +141,14 @@ def _shares(B: int) -> list[tuple[int, int]] | None:
     return list(zip(edges[:-1], edges[1:]))
 
 
+def _biases(
+    bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, H: int, dt: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """(b_ih, b_hh), zeros (3H,) for a missing one: the compiled kernels always add both."""
+    zeros = np.zeros(3 * H, dt)
+    return (bias_ih if bias_ih is not None else zeros), (bias_hh if bias_hh is not None else zeros)
+
+
 def state_views(hs: np.ndarray, reverse: bool) -> tuple[np.ndarray, np.ndarray]:
     """(states entering each step, states leaving each step), both (T, B, H) in time order."""
     return (hs[1:], hs[:-1]) if reverse else (hs[:-1], hs[1:])
@@ -200,8 +208,7 @@ def gru_sequence_forward(
         hs[T if reverse else 0] = h0
         gates = gi
         hn_all = _scratch(workspace, "hn", (T, B, H), dt)
-        bih = bias_ih if bias_ih is not None else np.zeros(3 * H, dt)
-        bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
+        bih, bhh = _biases(bias_ih, bias_hh, H, dt)
         m2 = _mask2(mask, T, dt)
         gh = np.empty((B, 3 * H), dt)
         if pk is not None:
@@ -310,8 +317,7 @@ def _forward_inference(
     hs = np.empty((T + 1, B, H), dt)
     hs[T if reverse else 0] = h0
     gh = np.empty((B, 3 * H), dt)
-    bih = bias_ih if bias_ih is not None else np.zeros(3 * H, dt)  # added by the gate kernel
-    bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
+    bih, bhh = _biases(bias_ih, bias_hh, H, dt)
     m2 = _mask2(mask, T, dt)
     fused = nb.gates_infer_parallel if B * H >= PARALLEL_MIN else nb.gates_infer_serial
     no_hn = np.empty((0, B, H), dt)  # tells the compiled loop to keep nothing
@@ -357,8 +363,7 @@ def _forward_inference_shared(
     x = np.ascontiguousarray(x)
     hs = np.empty((T + 1, B, H), dt)
     hs[T if reverse else 0] = h0
-    bih = bias_ih if bias_ih is not None else np.zeros(3 * H, dt)
-    bhh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
+    bih, bhh = _biases(bias_ih, bias_hh, H, dt)
     m2 = _mask2(mask, T, dt)
     no_hn = np.empty((0, B, H), dt)
 
@@ -578,8 +583,7 @@ def gru_step(
     if x.ndim == 1 and h.ndim == 1 and x.dtype == dt and weight_hh.dtype == dt and use_compiled(dt, reset_after):
         nb = _numba()
         out = np.empty(H, dt)
-        b_ih = bias_ih if bias_ih is not None else np.zeros(3 * H, dt)
-        b_hh = bias_hh if bias_hh is not None else np.zeros(3 * H, dt)
+        b_ih, b_hh = _biases(bias_ih, bias_hh, H, dt)
         if H >= STEP_BLAS_MIN:
             # Large: the weights stream from memory; BLAS's matrix-vector products
             # (all cores) then one fused pass over the gates.
@@ -625,11 +629,10 @@ class GRUStep:
             and weight_ih.ndim == weight_hh.ndim == 2
         )
         if self._fast:
-            zeros = np.zeros(3 * H, dt)
+            b_ih, b_hh = _biases(bias_ih, bias_hh, H, dt)
             self._prepared = (
                 np.ascontiguousarray(weight_ih.T), np.ascontiguousarray(weight_hh.T),
-                np.ascontiguousarray(bias_ih if bias_ih is not None else zeros, dt),
-                np.ascontiguousarray(bias_hh if bias_hh is not None else zeros, dt),
+                np.ascontiguousarray(b_ih, dt), np.ascontiguousarray(b_hh, dt),
                 np.empty((2, 3 * H), dt),
             )
 
