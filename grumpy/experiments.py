@@ -517,14 +517,12 @@ EXPERIMENTS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, 
 def run_experiment(name: str, out_dir: str, *, quick: bool = False, seed: int = 0, overwrite: bool = False,
                    log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Run experiment ``name`` and write ``NAME.json`` (and ``NAME.png``) into out_dir."""
-    from grumpy.cli import UsageError
-
     func, plot, table = EXPERIMENTS[name]
     stem = name + ("-quick" if quick else "")
     paths = [os.path.join(out_dir, stem + ".json")] + ([os.path.join(out_dir, stem + ".png")] if plot else [])
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
-        raise UsageError(f"--out: {', '.join(existing)} already exists (pass --overwrite to replace)")
+        raise ValueError(f"--out: {', '.join(existing)} already exists (pass --overwrite to replace)")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     with _one_blas_thread():
@@ -542,22 +540,3 @@ def run_experiment(name: str, out_dir: str, *, quick: bool = False, seed: int = 
     if log:
         log(f"wrote {', '.join(p for p in paths if os.path.exists(p))} in {result['seconds']} s")
     return result
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "experiment", help="run an experiment: gradient flow, adding problem, state Jacobian",
-        description="Experiments comparing the GRU with a plain tanh RNN (see docs/experiments.md).",
-    )
-    p.add_argument("name", choices=list(EXPERIMENTS), help="which experiment")
-    p.add_argument("--quick", action="store_true", help="CI-sized run (well under a minute)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--out", default="experiment-results", metavar="DIR",
-                   help="directory for NAME.json and NAME.png (default: experiment-results)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: Any) -> int:
-    run_experiment(args.name, args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
-    return 0

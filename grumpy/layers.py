@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from grumpy._util import check_dtype, check_positive_int, orthogonal_blocks, uniform_init
-from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
+from grumpy.kernels import ROUTES, Route, gru_sequence_backward, gru_sequence_forward
 
 # A kernel runs one direction of one layer over a sequence:
 #   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask, keep_cache, workspace) -> (out, h_last, cache or None)
@@ -27,14 +27,25 @@ BackwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, dict[str, np.ndarra
 _SUFFIXES = ("", "_reverse")
 
 
+def param_shapes(
+    input_size: int, hidden_size: int, num_layers: int, *, bidirectional: bool, bias: bool, num_gates: int = 3
+) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a stack's parameters in PyTorch's order (num_gates 3 for a GRU, 1 for a tanh RNN)."""
+    G, H, D = num_gates, hidden_size, 2 if bidirectional else 1
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(num_layers):
+        for suffix in _SUFFIXES[:D]:
+            shapes[f"weight_ih_l{layer}{suffix}"] = (G * H, input_size if layer == 0 else D * H)
+            shapes[f"weight_hh_l{layer}{suffix}"] = (G * H, H)
+            if bias:
+                shapes[f"bias_ih_l{layer}{suffix}"] = (G * H,)
+                shapes[f"bias_hh_l{layer}{suffix}"] = (G * H,)
+    return shapes
+
+
 def param_names(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
     """PyTorch's parameter names, in PyTorch's order."""
-    names = []
-    for layer in range(num_layers):
-        for suffix in _SUFFIXES[: 2 if bidirectional else 1]:
-            kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
-            names += [f"{k}_l{layer}{suffix}" for k in kinds]
-    return names
+    return list(param_shapes(1, 1, num_layers, bidirectional=bidirectional, bias=bias))
 
 
 class StackCache(NamedTuple):
@@ -201,18 +212,8 @@ class RecurrentStack:
         return 2 if self.bidirectional else 1
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        G, H, D = self.num_gates, self.hidden_size, self.num_directions
-        shapes = {}
-        for name in param_names(self.num_layers, self.bidirectional, self.bias):
-            layer = int(name.split("_l")[1].split("_")[0])
-            in_size = self.input_size if layer == 0 else D * H
-            if name.startswith("weight_ih"):
-                shapes[name] = (G * H, in_size)
-            elif name.startswith("weight_hh"):
-                shapes[name] = (G * H, H)
-            else:
-                shapes[name] = (G * H,)
-        return shapes
+        return param_shapes(self.input_size, self.hidden_size, self.num_layers, bidirectional=self.bidirectional,
+                            bias=self.bias, num_gates=self.num_gates)
 
     def _init_params(self, init: str) -> dict[str, np.ndarray]:
         params = {}
@@ -408,6 +409,10 @@ class GRU(RecurrentStack):
     ``init="orthogonal"`` each (H, H) block of the recurrent weights is a random
     orthogonal matrix instead. ``seed`` seeds the generator used for
     initialisation and dropout, so runs are reproducible.
+
+    ``route``: None lets grumpy choose how each layer runs (the usual); one of
+    ``grumpy.kernels.ROUTES`` forces one, for tests and comparisons (see
+    :mod:`grumpy.kernels.route`).
     """
 
     num_gates = 3
@@ -426,15 +431,19 @@ class GRU(RecurrentStack):
         dtype: Any = np.float32,
         seed: int | None = None,
         init: str = "uniform",
+        route: str | Route | None = None,
     ) -> None:
         self.reset_after = bool(reset_after)
+        if not (route is None or isinstance(route, Route) or route in ROUTES):
+            raise ValueError(f"route: expected None or one of {', '.join(ROUTES)}, got {route!r}")
+        self.route = route
         super().__init__(
             input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
             dropout=dropout, bidirectional=bidirectional, dtype=dtype, seed=seed, init=init,
         )
 
     def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
-        return partial(gru_sequence_forward, reset_after=self.reset_after), gru_sequence_backward
+        return partial(gru_sequence_forward, reset_after=self.reset_after, route=self.route), gru_sequence_backward
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", reset_after={self.reset_after})"
@@ -450,10 +459,12 @@ def gru_forward(
     reset_after: bool = True,
     mask: np.ndarray | None = None,
     dropout_masks: Sequence[np.ndarray | None] | None = None,
+    route: str | Route | None = None,
 ) -> tuple[np.ndarray, np.ndarray, StackCache]:
     """The GRU stack as a pure function: time-major x (T, B, I), h0 (L*D, B, H)
-    -> output (T, B, D*H), h_n (L*D, B, H), cache for :func:`gru_backward`."""
-    fwd = partial(gru_sequence_forward, reset_after=reset_after)
+    -> output (T, B, D*H), h_n (L*D, B, H), cache for :func:`gru_backward`.
+    ``route``: as for :class:`GRU`."""
+    fwd = partial(gru_sequence_forward, reset_after=reset_after, route=route)
     return stack_forward(fwd, params, x, h0, num_layers=num_layers, bidirectional=bidirectional,
                          mask=mask, dropout_masks=dropout_masks)
 

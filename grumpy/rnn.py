@@ -17,8 +17,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from grumpy._blas import column_sums, matmul
-from grumpy.kernels import state_views
+from grumpy.kernels.blas import column_sums, matmul
+from grumpy.kernels.common import state_views
 from grumpy.layers import BackwardKernel, ForwardKernel, RecurrentStack, StackCache, stack_backward, stack_forward
 
 

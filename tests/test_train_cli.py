@@ -12,11 +12,11 @@ import pytest
 
 pytest.importorskip("safetensors")
 
-import grumpy.train as gtrain  # noqa: E402
-from grumpy.checkpoint import load_checkpoint, load_model  # noqa: E402
+import grumpy.lm.loop as gtrain  # noqa: E402
+from grumpy.lm.checkpoint import load_checkpoint, load_model  # noqa: E402
 from grumpy.cli import main  # noqa: E402
-from grumpy.data import Vocab  # noqa: E402
-from grumpy.train import TrainConfig, estimate_loss, evaluate, sample, train  # noqa: E402
+from grumpy.lm.data import Vocab  # noqa: E402
+from grumpy.lm import TrainConfig, estimate_loss, evaluate, sample, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden-size", "8", "--num-layers", "2", "--embedding-dim", "4", "--batch-size", "4", "--seq-len", "8",

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from grumpy._util import check_dtype
+from grumpy.interop.gates import swap_rz
 from grumpy.layers import GRU, param_names
 
 _DIRECTIONS = ("forward", "backward")
@@ -56,16 +57,6 @@ def _pick_dtype(dtype: Any, arrays: Sequence[np.ndarray]) -> np.dtype:
             f"pass dtype=np.float32 (or np.float64) to convert"
         )
     return np.dtype(found[0])
-
-
-def _swap_rz(a: np.ndarray) -> np.ndarray:
-    """Swap the first two of three gate blocks along axis 0: (r, z, n) <-> (z, r, h).
-
-    Its own inverse. Concatenation copies values exactly, so conversions built on
-    it are bitwise round trips.
-    """
-    first, second, third = np.split(a, 3, axis=0)
-    return np.concatenate([second, first, third], axis=0)
 
 
 def _gru_from_state(
@@ -249,7 +240,7 @@ def _keras_direction_to_state(
     if kernel.ndim != 2 or kernel.shape[1] != 3 * H or (in_size is not None and kernel.shape[0] != in_size):
         want = f"({'I' if in_size is None else in_size}, {3 * H})"
         raise ValueError(f"{where}: kernel has shape {kernel.shape}, expected (input size, 3H) = {want}")
-    out = {"weight_ih": _swap_rz(kernel.T), "weight_hh": _swap_rz(rec.T)}
+    out = {"weight_ih": swap_rz(kernel.T), "weight_hh": swap_rz(rec.T)}
     if bias:
         b = _to_numpy(f"{where} bias", ws[2])
         if reset_after:
@@ -258,7 +249,7 @@ def _keras_direction_to_state(
                 raise ValueError(
                     f"{where}: bias has shape {b.shape}, expected (2, {3 * H}) for reset_after=True{hint}"
                 )
-            out["bias_ih"], out["bias_hh"] = _swap_rz(b[0]), _swap_rz(b[1])
+            out["bias_ih"], out["bias_hh"] = swap_rz(b[0]), swap_rz(b[1])
         else:
             if b.shape != (3 * H,):
                 hint = " (that is a reset_after=True layer's bias)" if b.shape == (2, 3 * H) else ""
@@ -266,7 +257,7 @@ def _keras_direction_to_state(
                     f"{where}: bias has shape {b.shape}, expected ({3 * H},) for reset_after=False{hint}"
                 )
             # Keras' reset-before GRU has no recurrent bias: it is the input bias alone.
-            out["bias_ih"], out["bias_hh"] = _swap_rz(b), np.zeros_like(b)
+            out["bias_ih"], out["bias_hh"] = swap_rz(b), np.zeros_like(b)
     return out, kernel.shape[0], H
 
 
@@ -344,14 +335,14 @@ def to_keras_weights(gru: GRU) -> list[list[np.ndarray]]:
         for d in range(gru.num_directions):
             sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
             p = gru.params
-            ws += [np.ascontiguousarray(_swap_rz(p["weight_ih" + sfx]).T),
-                   np.ascontiguousarray(_swap_rz(p["weight_hh" + sfx]).T)]
+            ws += [np.ascontiguousarray(swap_rz(p["weight_ih" + sfx]).T),
+                   np.ascontiguousarray(swap_rz(p["weight_hh" + sfx]).T)]
             if gru.bias:
                 b_ih, b_hh = p["bias_ih" + sfx], p["bias_hh" + sfx]
                 if gru.reset_after:
-                    ws.append(np.stack([_swap_rz(b_ih), _swap_rz(b_hh)]))
+                    ws.append(np.stack([swap_rz(b_ih), swap_rz(b_hh)]))
                 else:
-                    ws.append(_swap_rz(b_ih + b_hh if np.any(b_hh) else b_ih))
+                    ws.append(swap_rz(b_ih + b_hh if np.any(b_hh) else b_ih))
         out.append(ws)
     return out
 

@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
+# CBLAS's enumerations (cblas.h), also passed by the compiled loops of grumpy.kernels.nb.
+ROW_MAJOR, NO_TRANS, TRANS, PACKED, B_MATRIX = 101, 111, 112, 151, 162
 _F32 = np.dtype(np.float32)
 
 
@@ -116,11 +117,11 @@ def _operand(a: np.ndarray) -> tuple[np.ndarray, int, int]:
     rows, cols = a.shape
     s0, s1 = a.strides
     if s1 == 4 and s0 % 4 == 0 and (rows == 1 or s0 >= 4 * cols):
-        return a, _NO_TRANS, max(1, cols if rows == 1 else s0 // 4)
+        return a, NO_TRANS, max(1, cols if rows == 1 else s0 // 4)
     if s0 == 4 and s1 % 4 == 0 and (cols == 1 or s1 >= 4 * rows):
-        return a, _TRANS, max(1, rows if cols == 1 else s1 // 4)
+        return a, TRANS, max(1, rows if cols == 1 else s1 // 4)
     a = np.ascontiguousarray(a)
-    return a, _NO_TRANS, max(1, cols)
+    return a, NO_TRANS, max(1, cols)
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, beta: float = 0.0) -> np.ndarray:
@@ -162,7 +163,7 @@ def _sgemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float) -> None:
     ldc = 1 if N == 1 and (M == 1 or c.strides[0] == 4) else (N if M == 1 else c.strides[0] // 4)
     A, ta, lda = _operand(a)
     Bm, tb, ldb = _operand(b)
-    MKL.cblas_sgemm(_ROW_MAJOR, ta, tb, M, N, K, 1.0, A.ctypes.data, lda, Bm.ctypes.data, ldb, beta,
+    MKL.cblas_sgemm(ROW_MAJOR, ta, tb, M, N, K, 1.0, A.ctypes.data, lda, Bm.ctypes.data, ldb, beta,
                     c.ctypes.data, ldc)
 
 
@@ -218,7 +219,7 @@ class Packed:
     ``a @ w`` (w (K, N)), with a (m, K) float32 rows contiguous -> out (m, N).
 
     A snapshot of w: build a new one after w changes. ``ptr`` and :data:`COMPUTE`
-    let compiled loops call the product themselves (see :mod:`grumpy._nbkernels`),
+    let compiled loops call the product themselves (see :mod:`grumpy.kernels.nb`),
     inside ``with p.threads():``."""
 
     def __init__(self, w: np.ndarray, m: int, trans: bool, serial: bool = False) -> None:
@@ -228,12 +229,12 @@ class Packed:
         self.n, self.k = w.shape if trans else w.shape[::-1]
         self.m = m
         self.serial = serial
-        size = MKL.cblas_sgemm_pack_get_size(_B_MATRIX, m, self.n, self.k)
+        size = MKL.cblas_sgemm_pack_get_size(B_MATRIX, m, self.n, self.k)
         self._buf = _take_buffer(size)
         weakref.finalize(self, _give_buffer, self._buf)
         self.ptr = self._buf.ctypes.data
         with self.threads():  # small: packing on the calling thread too, no pool to wake
-            MKL.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS if trans else _NO_TRANS, m, self.n, self.k, 1.0,
+            MKL.cblas_sgemm_pack(ROW_MAJOR, B_MATRIX, TRANS if trans else NO_TRANS, m, self.n, self.k, 1.0,
                                  w.ctypes.data, w.shape[1], self.ptr)
 
     def threads(self) -> contextlib.AbstractContextManager[None]:
@@ -244,7 +245,7 @@ class Packed:
     def __call__(self, a: np.ndarray, out: np.ndarray, beta: float = 0.0) -> np.ndarray:
         """out (m, N) = a (m, K) @ op(w) + beta * out; rows of both contiguous, float32."""
         with self.threads():
-            MKL.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, self.m, self.n, self.k, a.ctypes.data,
+            MKL.cblas_sgemm_compute(ROW_MAJOR, NO_TRANS, PACKED, self.m, self.n, self.k, a.ctypes.data,
                                     max(self.k, a.strides[0] // 4), self.ptr, self.k, beta,
                                     out.ctypes.data, max(self.n, out.strides[0] // 4))
         return out
@@ -291,3 +292,14 @@ def run_each(fns: Sequence[Callable[[], Any]]) -> list[Any]:
     finally:
         rest = [f.result() for f in futures]  # waits for all, and raises the first error
     return first + rest
+
+
+def blas_threads(n: int | None) -> contextlib.AbstractContextManager[Any]:
+    """A context in which every BLAS this process has loaded (NumPy's, scipy's, MKL)
+    uses at most ``n`` threads (threadpoolctl); ``None`` changes nothing. Importing
+    this module has loaded MKL, so threadpoolctl sees and limits it too."""
+    if n is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=n, user_api="blas")

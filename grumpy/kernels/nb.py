@@ -12,7 +12,8 @@ on |x| ≤ 9 (beyond which float32 tanh rounds to ±1), fitted for grumpy to a
 maximum relative error of 3.3e-7 (at most 6 ulp) in float32. float64 never
 comes here: it keeps NumPy's correctly rounded tanh.
 
-Imported lazily by :mod:`grumpy.kernels`, so ``import grumpy`` needs NumPy only.
+Imported lazily (:func:`grumpy.kernels.route.compiled_kernels`), so ``import grumpy``
+needs NumPy only.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ import types
 import numpy as np
 from numba import njit, prange
 
+from grumpy.kernels.blas import NO_TRANS as _NT
+from grumpy.kernels.blas import PACKED as _PK
+from grumpy.kernels.blas import ROW_MAJOR as _RM
+
 _P0, _P1, _P2, _P3, _P4 = (np.float32(c) for c in (9.99999992e-01, 1.33968640e-01, 3.51427694e-03,
                                                     2.09118331e-05, 1.37653380e-08))
 _Q1, _Q2, _Q3, _Q4 = (np.float32(c) for c in (4.67301883e-01, 2.59483958e-02, 3.31599052e-04, 7.94650036e-07))
 _LIM = np.float32(9.0)
 _HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
 
 
 # fastmath without 'nnan'/'ninf': LLVM may reassociate and fuse, but may not assume
@@ -62,6 +68,25 @@ def planes(v):  # type: ignore[no-untyped-def]
     return v[:H], v[H : 2 * H], v[2 * H :]
 
 
+@njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
+def gates(a_ir, a_iz, a_in, a_hr, a_hz, a_hn):  # type: ignore[no-untyped-def]
+    """The README's equations for one unit, from the pre-activations
+    a_i* = W_i* x + b_i* (input side) and a_h* = W_h* h + b_h* (hidden side):
+    r = σ(a_ir + a_hr), z = σ(a_iz + a_hz), n = tanh(a_in + r a_hn)."""
+    r = sigm32(a_ir + a_hr)
+    z = sigm32(a_iz + a_hz)
+    n = tanh32(a_in + r * a_hn)
+    return r, z, n
+
+
+@njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
+def blend(z, n, h, m):  # type: ignore[no-untyped-def]
+    """The new state h' = (1 − z) n + z h, written n + z (h − n) (the same in exact
+    arithmetic, one multiply fewer), kept at h where the mask m is 0 (padding):
+    h + m (h' − h)."""
+    return h + m * ((n + z * (h - n)) - h)
+
+
 def _gates_forward(g, gh, bih, bhh, hp, ho, hn, m):  # type: ignore[no-untyped-def]
     """One step's gate math, fused and in place: g (B, 3H) holds the input projections
     W_ih x (without b_ih) on entry and [r, z, n] on exit; gh (B, 3H) = h W_hh^T; bih,
@@ -76,21 +101,19 @@ def _gates_forward(g, gh, bih, bhh, hp, ho, hn, m):  # type: ignore[no-untyped-d
     measured 2-3x slower."""
     B, H = hp.shape
     masked = m.shape[0] > 0
-    c_r, c_z, c_n = planes(bih)
-    b_r, b_z, b_n = planes(bhh)
+    b_ir, b_iz, b_in = planes(bih)
+    b_hr, b_hz, b_hn = planes(bhh)
     for b in prange(B):
         mb = m[b] if masked else _ONE
         g_r, g_z, g_n = planes(g[b])
         h_r, h_z, h_n = planes(gh[b])
         hpb, hob, hnb = hp[b], ho[b], hn[b]
         for j in range(H):
-            r = sigm32(g_r[j] + c_r[j] + h_r[j] + b_r[j])
-            z = sigm32(g_z[j] + c_z[j] + h_z[j] + b_z[j])
-            a = h_n[j] + b_n[j]
-            n = tanh32(g_n[j] + c_n[j] + r * a)
-            g_r[j], g_z[j], g_n[j], hnb[j] = r, z, n, a
-            h = hpb[j]
-            hob[j] = h + mb * ((n + z * (h - n)) - h)
+            a_hn = h_n[j] + b_hn[j]
+            r, z, n = gates(g_r[j] + b_ir[j], g_z[j] + b_iz[j], g_n[j] + b_in[j],
+                            h_r[j] + b_hr[j], h_z[j] + b_hz[j], a_hn)
+            g_r[j], g_z[j], g_n[j], hnb[j] = r, z, n, a_hn
+            hob[j] = blend(z, n, hpb[j], mb)
 
 
 def _gates_backward(do, hp, g, hn, m, dh):  # type: ignore[no-untyped-def]
@@ -124,19 +147,17 @@ def _gates_infer(g, gh, bih, bhh, hp, ho, m):  # type: ignore[no-untyped-def]
     the bias cost 28 of 318 us per step (64 rows, H=256)."""
     B, H = hp.shape
     masked = m.shape[0] > 0
-    c_r, c_z, c_n = planes(bih)
-    b_r, b_z, b_n = planes(bhh)
+    b_ir, b_iz, b_in = planes(bih)
+    b_hr, b_hz, b_hn = planes(bhh)
     for b in prange(B):
         mb = m[b] if masked else _ONE
         g_r, g_z, g_n = planes(g[b])
         h_r, h_z, h_n = planes(gh[b])
         hpb, hob = hp[b], ho[b]
         for j in range(H):
-            r = sigm32(g_r[j] + c_r[j] + h_r[j] + b_r[j])
-            z = sigm32(g_z[j] + c_z[j] + h_z[j] + b_z[j])
-            n = tanh32(g_n[j] + c_n[j] + r * (h_n[j] + b_n[j]))
-            h = hpb[j]
-            hob[j] = h + mb * ((n + z * (h - n)) - h)
+            r, z, n = gates(g_r[j] + b_ir[j], g_z[j] + b_iz[j], g_n[j] + b_in[j],
+                            h_r[j] + b_hr[j], h_z[j] + b_hz[j], h_n[j] + b_hn[j])
+            hob[j] = blend(z, n, hpb[j], mb)
 
 
 def _named(f, suffix):  # type: ignore[no-untyped-def]
@@ -207,10 +228,8 @@ def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):  # type: ignore[no-untyped-def]
             ar += w_hh[j, k] * hk
             az += w_hh[H + j, k] * hk
             hn += w_hh[2 * H + j, k] * hk
-        r = sigm32(ar)
-        z = sigm32(az)
-        n = tanh32(an + r * hn)
-        out[j] = n + z * (h[j] - n)
+        r, z, n = gates(ar, az, an, _ZERO, _ZERO, hn)  # ar, az hold both sides' sums
+        out[j] = blend(z, n, h[j], _ONE)
 
 
 step_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_step)
@@ -220,12 +239,14 @@ step_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_step)
 @njit(fastmath=_FM, error_model="numpy", cache=True)
 def step_gates(gi, gh, b_ih, b_hh, h, out):  # type: ignore[no-untyped-def]
     """The gate math of one step for one stream, given gi = W_ih x and gh = W_hh h (3H,)."""
-    H = h.shape[0]
-    for j in range(H):
-        r = sigm32(gi[j] + b_ih[j] + gh[j] + b_hh[j])
-        z = sigm32(gi[H + j] + b_ih[H + j] + gh[H + j] + b_hh[H + j])
-        n = tanh32(gi[2 * H + j] + b_ih[2 * H + j] + r * (gh[2 * H + j] + b_hh[2 * H + j]))
-        out[j] = n + z * (h[j] - n)
+    a_ir, a_iz, a_in = planes(gi)
+    a_hr, a_hz, a_hn = planes(gh)
+    b_ir, b_iz, b_in = planes(b_ih)
+    b_hr, b_hz, b_hn = planes(b_hh)
+    for j in range(h.shape[0]):
+        r, z, n = gates(a_ir[j] + b_ir[j], a_iz[j] + b_iz[j], a_in[j] + b_in[j],
+                        a_hr[j] + b_hr[j], a_hz[j] + b_hz[j], a_hn[j] + b_hn[j])
+        out[j] = blend(z, n, h[j], _ONE)
 
 
 @njit(cache=True)
@@ -266,13 +287,11 @@ def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):  # type: ignore[n
             for j in range(3 * H):
                 a[j] += vk * wk[j]
             k += 1
-    gi_r, gi_z, gi_n = gi[:H], gi[H : 2 * H], gi[2 * H :]
-    gh_r, gh_z, gh_n = gh[:H], gh[H : 2 * H], gh[2 * H :]
+    a_ir, a_iz, a_in = planes(gi)  # the biases are in already
+    a_hr, a_hz, a_hn = planes(gh)
     for j in range(H):
-        r = sigm32(gi_r[j] + gh_r[j])
-        z = sigm32(gi_z[j] + gh_z[j])
-        n = tanh32(gi_n[j] + r * gh_n[j])
-        out[j] = n + z * (h[j] - n)
+        r, z, n = gates(a_ir[j], a_iz[j], a_in[j], a_hr[j], a_hz[j], a_hn[j])
+        out[j] = blend(z, n, h[j], _ONE)
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
@@ -302,7 +321,7 @@ def row_sums(e, s):  # type: ignore[no-untyped-def]
         s[i] = acc
 
 
-# The time loops with MKL's packed product (grumpy._blas): ``gemm`` is
+# The time loops with MKL's packed product (grumpy.kernels.blas): ``gemm`` is
 # cblas_sgemm_compute (a C function pointer: numba calls it directly, and caches the
 # loop), ``wh``/``wi`` the addresses of the packed weights. No Python between steps: at
 # B=32, H=256 the Python loop spent about 8 of 100 us per step in calls. The forward
@@ -310,7 +329,6 @@ def row_sums(e, s):  # type: ignore[no-untyped-def]
 # can run a share of the batch through the whole sequence, with no synchronisation per
 # step (the rows of a GRU batch never meet). Slicing rows inside keeps the arrays
 # contiguous for numba; a strided view passed in compiled to unvectorised gate loops.
-_RM, _NT, _PK = 101, 111, 151
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
