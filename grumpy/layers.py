@@ -8,8 +8,9 @@ the two unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -259,12 +260,12 @@ class RecurrentStack:
         for g in self.grads.values():
             g.fill(0)
 
-    def train(self, mode: bool = True) -> "RecurrentStack":
+    def train(self, mode: bool = True) -> RecurrentStack:
         """Dropout on (training) or off (inference). Returns self."""
         self.training = bool(mode)
         return self
 
-    def eval(self) -> "RecurrentStack":
+    def eval(self) -> RecurrentStack:
         return self.train(False)
 
     # -- forward / backward -------------------------------------------------

@@ -9,7 +9,8 @@ the parameter's name, which is what a checkpoint stores:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -13,7 +13,8 @@ does for the GRU. Parameter names and shapes are those of ``torch.nn.RNN``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from grumpy import __version__
+
     # Imported here so that `import grumpy` stays NumPy-only and fast.
     from grumpy.cli import bench, experiment, export, train
 

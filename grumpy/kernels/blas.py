@@ -33,8 +33,9 @@ import ctypes
 import os
 import threading
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -9,7 +9,8 @@ in place (one (T, B, 3H) array less), and the gate kernels add b_ih themselves.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

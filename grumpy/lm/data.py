@@ -12,8 +12,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class Vocab:
         self._index = {c: i for i, c in enumerate(chars)}
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         """The sorted set of characters in ``text``."""
         if not text:
             raise ValueError("vocab: cannot build a vocabulary from empty text")

@@ -14,13 +14,14 @@ optimiser that updates them in place updates the model.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from grumpy.kernels.blas import column_sums, matmul
 from grumpy._util import check_dtype
 from grumpy.kernels import GRUStep, gru_step
+from grumpy.kernels.blas import column_sums, matmul
 from grumpy.kernels.route import compiled_kernels
 from grumpy.layers import GRU, param_shapes
 from grumpy.lm.config import ModelConfig
@@ -155,11 +156,11 @@ class CharModel:
         for g in self.grads.values():
             g.fill(0)
 
-    def train(self, mode: bool = True) -> "CharModel":
+    def train(self, mode: bool = True) -> CharModel:
         self.gru.train(mode)
         return self
 
-    def eval(self) -> "CharModel":
+    def eval(self) -> CharModel:
         return self.train(False)
 
     def init_state(self, batch_size: int) -> np.ndarray:

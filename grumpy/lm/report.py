@@ -6,7 +6,8 @@ import io
 import json
 import sys
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from grumpy.lm.model import LN2
 
