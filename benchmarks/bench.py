@@ -560,8 +560,8 @@ def to_markdown(res: dict[str, Any]) -> str:
                    f"resident size before the first step): " + ", ".join(parts) + ".")
     mm = ", ".join(f"{s} {g:.0f}" for s, g in res.get("matmul_gflops", {}).items() if g)
     if roof:
-        out.append(f"Roofline: large float32 matrix product {roof:.0f} GFLOP/s (best of: {mm}; each measured at the start and the end); "
-                   "training counts 6*3H*(I+H) + 6*H*V flops per token, inference a third of that.")
+        out.append(f"Roofline: large float32 matrix product {roof:.0f} GFLOP/s (best of: {mm}; each measured at the "
+                   "start and the end); training counts 6*3H*(I+H) + 6*H*V flops per token, inference a third of that.")
     if res.get("compile_s"):
         cs = ", ".join(f"{k} {v:.1f}s" for k, v in res["compile_s"].items())
         out.append(f"JAX compile time (excluded above): {cs}.")
@@ -621,7 +621,8 @@ def _run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
     measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
     if not measures or any(m not in ("train", "infer", "gen", "memory") for m in measures):
-        raise ValueError(f"--measures: expected a comma-separated subset of train,infer,gen,memory, got {args.measures!r}")
+        raise ValueError(
+            f"--measures: expected a comma-separated subset of train,infer,gen,memory, got {args.measures!r}")
     sizes = {}
     for name in ("hidden", "batch"):
         text = getattr(args, name)

@@ -176,8 +176,9 @@ def state_gradient_norms(model: Regressor, x: np.ndarray, y: np.ndarray) -> np.n
 
 def gradient_flow(quick: bool = False, seed: int = 0, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Norms of dL/dh_t, at initialisation and after training on the adding problem."""
-    cfg = dict(T=100, hidden_size=32, batch_size=32, steps=300, lr=1e-2, n_measure=64, init_draws=3) if quick else \
-        dict(T=200, hidden_size=32, batch_size=32, steps=1500, lr=1e-2, n_measure=256, init_draws=10)
+    cfg: dict[str, Any] = (
+        dict(T=100, hidden_size=32, batch_size=32, steps=300, lr=1e-2, n_measure=64, init_draws=3) if quick
+        else dict(T=200, hidden_size=32, batch_size=32, steps=1500, lr=1e-2, n_measure=256, init_draws=10))
     T = cfg["T"]
     x, y = adding_batch(np.random.default_rng([seed, 99]), T, cfg["n_measure"])
     out: dict[str, Any] = {"experiment": "gradient-flow", "quick": quick, "seed": seed, "config": cfg, "runs": {}}
@@ -216,7 +217,7 @@ def _flow_table(runs: dict[str, Any], T: int) -> list[dict[str, Any]]:
     for kind, r in runs.items():
         for when in ("init", "trained"):
             n = r[when]
-            row = {"model": kind, "when": "initialisation" if when == "init" else "trained"}
+            row: dict[str, Any] = {"model": kind, "when": "initialisation" if when == "init" else "trained"}
             for lag in (0, 10, 50, 100):
                 if T - lag >= 0:
                     row["t=T" if lag == 0 else f"t=T-{lag}"] = n[T - lag]
@@ -254,8 +255,9 @@ def _plot_flow(out: dict[str, Any], path: str) -> bool:
 
 def adding(quick: bool = False, seed: int = 0, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """RNN and GRU on the adding problem, same budget: T in {50, 100, 200} (quick: T = 50, fewer steps)."""
-    cfg = dict(Ts=[50], steps=400, batch_size=32, hidden_size=32, lr=1e-2, eval_every=25) if quick else \
-        dict(Ts=[50, 100, 200], steps=3000, batch_size=32, hidden_size=32, lr=1e-2, eval_every=50)
+    cfg: dict[str, Any] = (
+        dict(Ts=[50], steps=400, batch_size=32, hidden_size=32, lr=1e-2, eval_every=25) if quick
+        else dict(Ts=[50, 100, 200], steps=3000, batch_size=32, hidden_size=32, lr=1e-2, eval_every=50))
     out: dict[str, Any] = {"experiment": "adding", "quick": quick, "seed": seed, "config": cfg,
                            "baseline_mse": 1.0 / 6.0, "runs": []}
     for T in cfg["Ts"]:
@@ -437,7 +439,7 @@ def _format_jacobian_case(row: dict[str, Any]) -> str:
 # -- output -------------------------------------------------------------------------
 
 
-def _figure_class():  # type: ignore[no-untyped-def]
+def _figure_class() -> Any:
     """matplotlib's Figure (no pyplot, so no GUI backend is touched), or None if not installed."""
     try:
         from matplotlib.figure import Figure

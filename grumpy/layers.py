@@ -23,7 +23,7 @@ from grumpy.kernels import ROUTES, Route, gru_sequence_backward, gru_sequence_fo
 # where workspace is None or a dict the kernel may keep its large buffers in between
 # calls, and consume=True lets the backward overwrite the cache (usable once).
 ForwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, Any]]
-BackwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+BackwardKernel = Callable[..., tuple[np.ndarray | None, np.ndarray, dict[str, np.ndarray]]]
 
 _SUFFIXES = ("", "_reverse")
 
@@ -77,7 +77,7 @@ def stack_forward(
     which the kernels keep buffers between calls; see :class:`RecurrentStack`.
     """
     D = 2 if bidirectional else 1
-    masks = list(dropout_masks) if dropout_masks is not None else [None] * num_layers
+    masks: list[np.ndarray | None] = list(dropout_masks) if dropout_masks is not None else [None] * num_layers
     masks[0] = None
     h_n = np.empty_like(h0)
     caches: list[list[Any]] = []
@@ -122,9 +122,10 @@ def stack_backward(
     H = d_output.shape[-1] // D
     grads: dict[str, np.ndarray] = {}
     dh0 = np.empty((num_layers * D,) + d_output.shape[1:2] + (H,), d_output.dtype)
-    d_out = d_output
+    d_out: np.ndarray | None = d_output
     for layer in reversed(range(num_layers)):
-        dx = None
+        assert d_out is not None  # only the first layer may skip its input gradient
+        dx: np.ndarray | None = None
         for d in range(D):
             sfx = f"_l{layer}{_SUFFIXES[d]}"
             dh_last = None if d_h_n is None else d_h_n[layer * D + d]
@@ -307,7 +308,7 @@ class RecurrentStack:
         else:
             h0 = self._check_array("h0", h0, (LD, B, self.hidden_size), "(num_layers * D, B, H)")
         mask = None if lengths is None else lengths_mask(lengths, T, B, self.dtype)
-        drop = [None] * self.num_layers
+        drop: list[np.ndarray | None] = [None] * self.num_layers
         if self.training and self.dropout > 0:
             keep = 1.0 - self.dropout
             width = self.num_directions * self.hidden_size
@@ -466,8 +467,10 @@ def gru_forward(
     -> output (T, B, D*H), h_n (L*D, B, H), cache for :func:`gru_backward`.
     ``route``: as for :class:`GRU`."""
     fwd = partial(gru_sequence_forward, reset_after=reset_after, route=route)
-    return stack_forward(fwd, params, x, h0, num_layers=num_layers, bidirectional=bidirectional,
-                         mask=mask, dropout_masks=dropout_masks)
+    out, h_n, cache = stack_forward(fwd, params, x, h0, num_layers=num_layers, bidirectional=bidirectional,
+                                    mask=mask, dropout_masks=dropout_masks)
+    assert cache is not None
+    return out, h_n, cache
 
 
 def gru_backward(
@@ -479,4 +482,6 @@ def gru_backward(
     """Backward of :func:`gru_forward` -> d_x (T, B, I), d_h0 (L*D, B, H), grads
     keyed as the parameters."""
     bias = any(k.startswith("bias") for k in params)
-    return stack_backward(gru_sequence_backward, params, cache, d_output, d_h_n, bias=bias)
+    dx, dh0, grads = stack_backward(gru_sequence_backward, params, cache, d_output, d_h_n, bias=bias)
+    assert dx is not None
+    return dx, dh0, grads

@@ -173,8 +173,10 @@ def rnn_forward(
 ) -> tuple[np.ndarray, np.ndarray, StackCache]:
     """The RNN stack as a pure function: time-major x (T, B, I), h0 (L*D, B, H)
     -> output (T, B, D*H), h_n (L*D, B, H), cache for :func:`rnn_backward`."""
-    return stack_forward(rnn_sequence_forward, params, x, h0, num_layers=num_layers,
-                         bidirectional=bidirectional, mask=mask, dropout_masks=dropout_masks)
+    out, h_n, cache = stack_forward(rnn_sequence_forward, params, x, h0, num_layers=num_layers,
+                                    bidirectional=bidirectional, mask=mask, dropout_masks=dropout_masks)
+    assert cache is not None
+    return out, h_n, cache
 
 
 def rnn_backward(
@@ -186,4 +188,6 @@ def rnn_backward(
     """Backward of :func:`rnn_forward` -> d_x (T, B, I), d_h0 (L*D, B, H), grads
     keyed as the parameters."""
     bias = any(k.startswith("bias") for k in params)
-    return stack_backward(rnn_sequence_backward, params, cache, d_output, d_h_n, bias=bias)
+    dx, dh0, grads = stack_backward(rnn_sequence_backward, params, cache, d_output, d_h_n, bias=bias)
+    assert dx is not None
+    return dx, dh0, grads

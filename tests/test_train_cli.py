@@ -410,3 +410,13 @@ def test_blas_threads_limit():
         assert all(i["num_threads"] == 1 for i in blas)
     with gtrain.blas_threads(None):
         pass
+
+
+def test_old_import_path_still_works_for_one_release():
+    import importlib
+    import sys
+
+    sys.modules.pop("grumpy.train", None)
+    with pytest.warns(DeprecationWarning, match="grumpy.lm"):
+        old = importlib.import_module("grumpy.train")
+    assert old.train is train and old.sample is sample and old.evaluate is evaluate

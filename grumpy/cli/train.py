@@ -55,8 +55,9 @@ def _train_cmd(args: argparse.Namespace) -> int:
           + (f"; best validation loss {res.best_val_loss:.4f} nats/char = {res.best_val_loss / LN2:.4f} bits/char"
              if res.best_val_loss is not None else ""))
     print("files: " + ", ".join(files))
-    if res.best or res.latest:
-        print("sample with:\n  grumpy sample " + shlex.quote(res.best or res.latest) + " --length 500")
+    written = res.best or res.latest
+    if written:
+        print("sample with:\n  grumpy sample " + shlex.quote(written) + " --length 500")
     return 1 if res.stopped == "non_finite" else 0
 
 
@@ -127,29 +128,34 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--hidden-size", type=int, metavar="N", help=f"GRU units per layer (default {d.hidden_size})")
     g.add_argument("--num-layers", type=int, metavar="N", help=f"stacked GRU layers (default {d.num_layers})")
-    g.add_argument("--embedding-dim", type=int, metavar="N", help=f"character embedding size (default {d.embedding_dim})")
+    g.add_argument("--embedding-dim", type=int, metavar="N",
+                   help=f"character embedding size (default {d.embedding_dim})")
     g.add_argument("--one-hot", action="store_true", help="feed one-hot characters instead of an embedding")
     g.add_argument("--reset-before", action="store_true",
                    help="apply the reset gate before the recurrent product (Cho et al. 2014) instead of after")
     g.add_argument("--dropout", type=float, metavar="X", help=f"dropout between GRU layers (default {d.dropout})")
     g.add_argument("--dtype", choices=("float32", "float64"), help=f"parameter type (default {d.dtype})")
     g = p.add_argument_group("data")
-    g.add_argument("--seq-len", type=int, metavar="N", help=f"characters per window (BPTT length) (default {d.seq_len})")
+    g.add_argument("--seq-len", type=int, metavar="N",
+                   help=f"characters per window (BPTT length) (default {d.seq_len})")
     g.add_argument("--batch-size", type=int, metavar="N", help=f"parallel streams (default {d.batch_size})")
-    g.add_argument("--val-fraction", type=float, metavar="X", help=f"share of the text held out (default {d.val_fraction})")
+    g.add_argument("--val-fraction", type=float, metavar="X",
+                   help=f"share of the text held out (default {d.val_fraction})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"update rule (default {d.optimizer})")
     g.add_argument("--lr", type=float, metavar="X", help=f"peak learning rate (default {d.lr:g})")
     g.add_argument("--weight-decay", type=float, metavar="X", help="weight decay for adam/adamw (default 0 / 0.01)")
     g.add_argument("--momentum", type=float, metavar="X", help=f"SGD momentum (default {d.momentum})")
     c = g.add_mutually_exclusive_group()
-    c.add_argument("--clip-norm", type=float, metavar="X", help=f"clip the global gradient norm to this (default {d.clip_norm})")
+    c.add_argument("--clip-norm", type=float, metavar="X",
+                   help=f"clip the global gradient norm to this (default {d.clip_norm})")
     c.add_argument("--clip-value", type=float, metavar="X", help="clip each gradient entry to [-v, v] instead")
     g.add_argument("--schedule", choices=("cosine", "constant"),
                    help=f"learning rate after warm-up: cosine decay to --min-lr-ratio x lr, or constant "
                         f"(default {d.schedule})")
     g.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warm-up steps (default {d.warmup_steps})")
-    g.add_argument("--min-lr-ratio", type=float, metavar="X", help=f"final lr / peak lr for cosine (default {d.min_lr_ratio})")
+    g.add_argument("--min-lr-ratio", type=float, metavar="X",
+                   help=f"final lr / peak lr for cosine (default {d.min_lr_ratio})")
     g = p.add_argument_group("run")
     g.add_argument("--max-steps", type=int, metavar="N",
                    help="stop at this step, counting steps before a --resume (default: none; giving it "
@@ -161,10 +167,12 @@ def register(subparsers: Any) -> None:
                    help=f"steps between validation runs and checkpoints (default {d.eval_every})")
     g.add_argument("--eval-batch-size", type=int, metavar="N",
                    help=f"streams the whole validation split is cut into (default {d.eval_batch_size})")
-    g.add_argument("--sample-every", type=int, metavar="N", help=f"steps between printed samples (default {d.sample_every})")
+    g.add_argument("--sample-every", type=int, metavar="N",
+                   help=f"steps between printed samples (default {d.sample_every})")
     g.add_argument("--sample-length", type=int, metavar="N", help=f"characters per printed sample, 0 for none "
                                                       f"(default {d.sample_length})")
-    g.add_argument("--log-every", type=int, metavar="N", help=f"steps between metrics.jsonl lines (default {d.log_every})")
+    g.add_argument("--log-every", type=int, metavar="N",
+                   help=f"steps between metrics.jsonl lines (default {d.log_every})")
     g.add_argument("--seed", type=int, metavar="N", help=f"random seed (default {d.seed})")
     g.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue exactly from a checkpoint (settings not given default to the checkpoint's)")
@@ -179,9 +187,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors file written by grumpy train")
     p.add_argument("--prime", default="", metavar="TEXT", help="text to start from (printed first)")
     p.add_argument("--length", type=int, metavar="N", default=500, help="characters to generate (default 500)")
-    p.add_argument("--temperature", type=float, metavar="X", default=0.8, help="softmax temperature, 0 for greedy (default 0.8)")
+    p.add_argument("--temperature", type=float, metavar="X", default=0.8,
+                   help="softmax temperature, 0 for greedy (default 0.8)")
     p.add_argument("--top-k", type=int, metavar="N", default=None, help="sample only from the k most likely characters")
-    p.add_argument("--top-p", type=float, metavar="X", default=None, help="nucleus sampling: the smallest set with probability p")
+    p.add_argument("--top-p", type=float, metavar="X", default=None,
+                   help="nucleus sampling: the smallest set with probability p")
     p.add_argument("--seed", type=int, metavar="N", default=None, help="random seed (default: fresh each run)")
     p.set_defaults(func=_sample_cmd)
 

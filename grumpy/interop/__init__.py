@@ -92,6 +92,7 @@ def _structure_from_state(state: Mapping[str, Any], where: str) -> tuple[int, bo
     The names must then be exactly the set torch.nn.GRU would have for that
     structure; anything else is an error rather than a best guess.
     """
+    matches = [m for m in map(_TORCH_KEY.match, state) if m is not None]
     bad = [k for k in state if not _TORCH_KEY.match(k)]
     if bad:
         raise ValueError(
@@ -100,10 +101,9 @@ def _structure_from_state(state: Mapping[str, Any], where: str) -> tuple[int, bo
         )
     if "weight_ih_l0" not in state:
         raise ValueError(f"{where}: no 'weight_ih_l0' found among keys {list(state)}; is this a GRU state dict?")
-    matches = [_TORCH_KEY.match(k) for k in state]
-    num_layers = 1 + max(int(m.group(2)) for m in matches)  # type: ignore[union-attr]
-    bidirectional = any(m.group(3) for m in matches)  # type: ignore[union-attr]
-    bias = any(m.group(1).startswith("bias") for m in matches)  # type: ignore[union-attr]
+    num_layers = 1 + max(int(m.group(2)) for m in matches)
+    bidirectional = any(m.group(3) for m in matches)
+    bias = any(m.group(1).startswith("bias") for m in matches)
     expected = param_names(num_layers, bidirectional, bias)
     missing = [k for k in expected if k not in state]
     if missing:
@@ -221,7 +221,8 @@ def load_torch_safetensors(path: str | os.PathLike[str], *, prefix: str | None =
         prefix = prefixes[0]
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not state:
-        raise ValueError(f"load_torch_safetensors: no tensor names start with prefix {prefix!r} (found {sorted(tensors)})")
+        raise ValueError(
+            f"load_torch_safetensors: no tensor names start with prefix {prefix!r} (found {sorted(tensors)})")
     # Everything under the prefix must be a GRU parameter; _structure_from_state names any stranger.
     return from_torch_state_dict(state, dtype=dtype)
 
@@ -288,10 +289,12 @@ def from_keras_weights(
     D = 2 if bidirectional else 1
     per_dir = 3 if bias else 2
     state: dict[str, np.ndarray] = {}
-    input_size = hidden = None
+    input_size: int | None = None
+    hidden: int | None = None
     for layer, ws in enumerate(weights):
         if isinstance(ws, np.ndarray) or not isinstance(ws, Sequence) or len(ws) != D * per_dir:
-            found = f"{len(ws)} arrays" if isinstance(ws, Sequence) and not isinstance(ws, np.ndarray) else type(ws).__name__
+            listed = isinstance(ws, Sequence) and not isinstance(ws, np.ndarray)
+            found = f"{len(ws)} arrays" if listed else type(ws).__name__
             parts = "kernel, recurrent_kernel" + (", bias" if bias else "")
             raise ValueError(
                 f"from_keras_weights: layer {layer}: expected {D * per_dir} arrays "
@@ -301,14 +304,15 @@ def from_keras_weights(
             )
         for d in range(D):
             where = f"from_keras_weights: layer {layer}" + (f" ({_DIRECTIONS[d]})" if D == 2 else "")
-            in_size = None if layer == 0 else D * hidden  # type: ignore[operator]
+            in_size = None if layer == 0 or hidden is None else D * hidden
             part, i_size, H = _keras_direction_to_state(
                 ws[d * per_dir : (d + 1) * per_dir], where=where, in_size=in_size, bias=bias, reset_after=reset_after,
             )
             if hidden is not None and H != hidden:
                 raise ValueError(f"{where}: hidden size {H} differs from layer 0's {hidden}; grumpy stacks equal sizes")
             if layer == 0 and input_size is not None and i_size != input_size:
-                raise ValueError(f"{where}: kernel input size {i_size} differs from the forward direction's {input_size}")
+                raise ValueError(
+                    f"{where}: kernel input size {i_size} differs from the forward direction's {input_size}")
             hidden = H
             if layer == 0:
                 input_size = i_size

@@ -70,7 +70,7 @@ def _gru_stack(g: _Graph, gru: GRU, params: dict[str, np.ndarray], prefix: str, 
     for layer in range(gru.num_layers):
         p = f"{prefix}l{layer}."
 
-        def stacked(kind: str) -> np.ndarray:
+        def stacked(kind: str, layer: int = layer) -> np.ndarray:
             return np.stack([swap_rz(params[f"{kind}_l{layer}{s}"], 0) for s in sfxs])
 
         W = g.weight(p + "W", stacked("weight_ih"))  # (D, 3H, in)
@@ -189,7 +189,8 @@ def export_gru(
         x = "x.tbi"
     h0 = _state_input(g, "h0", x, LD, H)
     y, h_n = _gru_stack(g, gru, gru.params, "gru.", x, h0)
-    g.node("Transpose" if gru.batch_first else "Identity", [y], ["y"], **({"perm": [1, 0, 2]} if gru.batch_first else {}))
+    g.node("Transpose" if gru.batch_first else "Identity", [y], ["y"],
+           **({"perm": [1, 0, 2]} if gru.batch_first else {}))
     g.node("Identity", [h_n], ["h_n"])
     T_B = ["B", "T"] if gru.batch_first else ["T", "B"]
     et = getattr(onnx.TensorProto, _ONNX_DTYPES[dt])

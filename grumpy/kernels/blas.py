@@ -53,7 +53,7 @@ def _load() -> Any:
 
         dist = md.distribution("mkl")
         rt = [f for f in dist.files or () if f.name.startswith("libmkl_rt.so") or f.name.startswith("mkl_rt")]
-        lib = ctypes.CDLL(str(dist.locate_file(rt[0]).resolve()))
+        lib = ctypes.CDLL(os.path.realpath(str(dist.locate_file(rt[0]))))
         i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
         lib.cblas_sgemm.restype = None
         lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
@@ -81,7 +81,7 @@ COMPUTE: Any = None
 if MKL is not None:
     _i, _p = ctypes.c_int, ctypes.c_size_t
     COMPUTE = ctypes.CFUNCTYPE(None, _i, _i, _i, _i, _i, _i, _p, _i, _p, _i, ctypes.c_float, _p, _i)(
-        ctypes.cast(MKL.cblas_sgemm_compute, ctypes.c_void_p).value)
+        ctypes.cast(MKL.cblas_sgemm_compute, ctypes.c_void_p).value or 0)
 
 
 # Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for

@@ -65,7 +65,9 @@ def scratch(workspace: dict[str, np.ndarray] | None, name: str, shape: tuple[int
     return a
 
 
-def biases(bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, H: int, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def biases(
+    bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, H: int, dt: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
     """(b_ih, b_hh), zeros (3H,) for a missing one: the compiled kernels always add both."""
     zeros = np.zeros(3 * H, dt)
     return (bias_ih if bias_ih is not None else zeros), (bias_hh if bias_hh is not None else zeros)

@@ -10,6 +10,7 @@ in place (one (T, B, 3H) array less), and the gate kernels add b_ih themselves.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -164,7 +165,7 @@ def _forward_shared(
         nb.forward_loop_packed(blas.COMPUTE, wh.ptr, wi.ptr, x, g, bih, bhh, hs, no_hn, m2, reverse, gh,
                                False, b0, b1)
 
-    blas.run_each([lambda b0=b0, b1=b1: share(b0, b1) for b0, b1 in route.shares])
+    blas.run_each([partial(share, b0, b1) for b0, b1 in route.shares])
     out, h_last = outputs(hs, mask, reverse)
     return out, h_last, None
 

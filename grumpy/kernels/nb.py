@@ -42,7 +42,7 @@ _FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
-def tanh32(x):  # type: ignore[no-untyped-def]
+def tanh32(x):
     # Selects, not min/max (they vectorise); written so that NaN, which compares
     # false, passes through instead of being clamped to a finite value.
     x = _LIM if x > _LIM else x
@@ -57,19 +57,19 @@ def tanh32(x):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
-def sigm32(x):  # type: ignore[no-untyped-def]
+def sigm32(x):
     return _HALF + _HALF * tanh32(_HALF * x)
 
 
 @njit(inline="always", cache=True)
-def planes(v):  # type: ignore[no-untyped-def]
+def planes(v):
     """v (3H,) -> its r, z and n parts, three 1-d views."""
     H = v.shape[0] // 3
     return v[:H], v[H : 2 * H], v[2 * H :]
 
 
 @njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
-def gates(a_ir, a_iz, a_in, a_hr, a_hz, a_hn):  # type: ignore[no-untyped-def]
+def gates(a_ir, a_iz, a_in, a_hr, a_hz, a_hn):
     """The README's equations for one unit, from the pre-activations
     a_i* = W_i* x + b_i* (input side) and a_h* = W_h* h + b_h* (hidden side):
     r = σ(a_ir + a_hr), z = σ(a_iz + a_hz), n = tanh(a_in + r a_hn)."""
@@ -80,14 +80,14 @@ def gates(a_ir, a_iz, a_in, a_hr, a_hz, a_hn):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
-def blend(z, n, h, m):  # type: ignore[no-untyped-def]
+def blend(z, n, h, m):
     """The new state h' = (1 − z) n + z h, written n + z (h − n) (the same in exact
     arithmetic, one multiply fewer), kept at h where the mask m is 0 (padding):
     h + m (h' − h)."""
     return h + m * ((n + z * (h - n)) - h)
 
 
-def _gates_forward(g, gh, bih, bhh, hp, ho, hn, m):  # type: ignore[no-untyped-def]
+def _gates_forward(g, gh, bih, bhh, hp, ho, hn, m):
     """One step's gate math, fused and in place: g (B, 3H) holds the input projections
     W_ih x (without b_ih) on entry and [r, z, n] on exit; gh (B, 3H) = h W_hh^T; bih,
     bhh (3H,) the biases; hp (B, H) the state in -> ho (B, H) the state out; hn (B, H)
@@ -116,7 +116,7 @@ def _gates_forward(g, gh, bih, bhh, hp, ho, hn, m):  # type: ignore[no-untyped-d
             hob[j] = blend(z, n, hpb[j], mb)
 
 
-def _gates_backward(do, hp, g, hn, m, dh):  # type: ignore[no-untyped-def]
+def _gates_backward(do, hp, g, hn, m, dh):
     """One step backward, fused and in place: do (B, H) the output's gradient; dh (B, H)
     dL/dh' in, replaced by the direct part of dL/dh (through z and padding); g (B, 3H)
     [r, z, n] in, replaced by [da_r, da_z, r ⊙ da_n] (the hidden side); hn (B, H) in,
@@ -140,7 +140,7 @@ def _gates_backward(do, hp, g, hn, m, dh):  # type: ignore[no-untyped-def]
             dhb[j] = (tot - dm) + dm * z
 
 
-def _gates_infer(g, gh, bih, bhh, hp, ho, m):  # type: ignore[no-untyped-def]
+def _gates_infer(g, gh, bih, bhh, hp, ho, m):
     """:func:`_gates_forward` for inference: only the new state is written (the gates
     and W_hn h are not kept), 15-45% faster (B=128, H=256 and H=64). g holds the input
     projections without b_ih, which is added here: a separate pass setting or adding
@@ -160,7 +160,7 @@ def _gates_infer(g, gh, bih, bhh, hp, ho, m):  # type: ignore[no-untyped-def]
             hob[j] = blend(z, n, hpb[j], mb)
 
 
-def _named(f, suffix):  # type: ignore[no-untyped-def]
+def _named(f, suffix):
     """A copy of f named f + suffix. numba names its cache files after the function and
     keys them by signature, not by options: a serial and a parallel compilation of one
     function shared one entry, so one could load the other's code (a parallel kernel
@@ -183,7 +183,7 @@ gates_backward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, pa
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def forward_loop(gates, whh_t, bih, bhh, hs, hn_all, mask, reverse, gh):  # type: ignore[no-untyped-def]
+def forward_loop(gates, whh_t, bih, bhh, hs, hn_all, mask, reverse, gh):
     """The whole time loop, for small sizes (see :func:`_gates_forward` for the arrays;
     mask (T, B) or (T, 0)); hs (T+1, B, H) holds h0 on entry, gates the input projections."""
     T = gates.shape[0]
@@ -196,7 +196,7 @@ def forward_loop(gates, whh_t, bih, bhh, hs, hn_all, mask, reverse, gh):  # type
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def backward_loop(d_output, hs, gates, hn_all, mask, reverse, whh, dh, dhh):  # type: ignore[no-untyped-def]
+def backward_loop(d_output, hs, gates, hn_all, mask, reverse, whh, dh, dhh):
     """The whole backward time loop, for small sizes; dh (B, H) enters as dL/dh_last
     and leaves as dL/dh0; gates and hn_all are replaced as in :func:`_gates_backward`."""
     T = d_output.shape[0]
@@ -208,7 +208,7 @@ def backward_loop(d_output, hs, gates, hn_all, mask, reverse, whh, dh, dhh):  # 
         dh += dhh
 
 
-def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):  # type: ignore[no-untyped-def]
+def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):
     """One step for one stream: x (I,), h (H,) -> out (H,). Matrix-vector products
     row by row (contiguous, vectorised), the gates fused in the same pass."""
     H = h.shape[0]
@@ -237,7 +237,7 @@ step_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_step)
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def step_gates(gi, gh, b_ih, b_hh, h, out):  # type: ignore[no-untyped-def]
+def step_gates(gi, gh, b_ih, b_hh, h, out):
     """The gate math of one step for one stream, given gi = W_ih x and gh = W_hh h (3H,)."""
     a_ir, a_iz, a_in = planes(gi)
     a_hr, a_hz, a_hn = planes(gh)
@@ -250,7 +250,7 @@ def step_gates(gi, gh, b_ih, b_hh, h, out):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def transpose(a, out):  # type: ignore[no-untyped-def]
+def transpose(a, out):
     """out (C, R) = a (R, C) transposed, in 16 x 16 tiles: at (3072, 1024) float32
     measured 4.9 ms against 17.6 ms for NumPy's strided copy. Serial: a parallel
     version took 2.5 ms alone but milliseconds more beside BLAS's spinning threads,
@@ -264,7 +264,7 @@ def transpose(a, out):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):  # type: ignore[no-untyped-def]
+def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):
     """One step for one stream from transposed weights: x (I,), h (H,), wih_t (I, 3H),
     whh_t (H, 3H), acc (2, 3H) scratch -> out (H,). The products are sums of weight
     rows scaled by x_k and h_k, four at a time: long contiguous loops with no
@@ -295,7 +295,7 @@ def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):  # type: ignore[n
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def shift_rows(z, out, m):  # type: ignore[no-untyped-def]
+def shift_rows(z, out, m):
     """z (N, V) -> m (N,) the row maxima, out (N, V) = z - m: the first pass of log-sum-exp.
     NumPy's reductions along short rows (V = 65) cost 0.7 ms at N = 12800; this 0.1."""
     N, V = z.shape
@@ -310,7 +310,7 @@ def shift_rows(z, out, m):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def row_sums(e, s):  # type: ignore[no-untyped-def]
+def row_sums(e, s):
     """s (N,) = e (N, V) summed along its rows."""
     N, V = e.shape
     for i in range(N):
@@ -332,7 +332,7 @@ def row_sums(e, s):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
-def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):  # type: ignore[no-untyped-def]
+def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):
     """:func:`forward_loop` for rows b0:b1 with gh = h @ W_hh^T from the packed W_hh.
 
     ``wi`` 0: gates (T, B, 3H) hold the input projections W_ih x. Else (inference)
@@ -366,7 +366,7 @@ def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reve
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel):  # type: ignore[no-untyped-def]
+def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel):
     """:func:`backward_loop` with dh += dgh @ W_hh from the packed W_hh."""
     T, B, G = gates.shape
     H = dh.shape[1]

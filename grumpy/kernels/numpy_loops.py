@@ -81,8 +81,10 @@ def forward(
     else:
         output = h_out.copy() if keep_cache else h_out  # nothing else refers to hs then
     h_last = hs[0 if reverse else T].copy()
-    cache = SeqCache(x, hs, gates, hn_all if reset_after else None, mask, reverse, reset_after, Route("numpy")) if keep_cache else None
-    return output, h_last, cache
+    if not keep_cache:
+        return output, h_last, None
+    return output, h_last, SeqCache(x, hs, gates, hn_all if reset_after else None, mask, reverse, reset_after,
+                                    Route("numpy"))
 
 
 def backward(

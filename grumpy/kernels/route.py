@@ -49,7 +49,7 @@ INFER_CHUNK_BYTES = 1 << 23
 # Generation, one stream: from this H the step's matrix-vector products go to BLAS.
 STEP_BLAS_MIN = 512
 
-_NB: ModuleType | None | bool = None  # the numba kernels once imported; False when unavailable
+_NB: ModuleType | bool | None = None  # the numba kernels once imported; False when unavailable
 
 
 def compiled_kernels() -> ModuleType | None:
@@ -64,7 +64,7 @@ def compiled_kernels() -> ModuleType | None:
                 _NB = nb
             except ImportError:
                 pass
-    return _NB or None
+    return _NB if isinstance(_NB, ModuleType) else None
 
 
 def use_compiled(dtype: np.dtype, reset_after: bool) -> bool:

@@ -210,8 +210,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except (json.JSONDecodeError, RecursionError):
         raise ValueError(f"{path}: the grumpy metadata is not valid JSON (corrupted?)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r},"
-                         f" expected {FORMAT!r}")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: unknown checkpoint format {found!r}, expected {FORMAT!r}")
     try:
         if not isinstance(meta.get("config"), dict):
             raise ValueError("missing model config")

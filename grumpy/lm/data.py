@@ -101,7 +101,7 @@ def load_text(path: str | os.PathLike[str] | None = None) -> str:
     if path is None:
         from importlib.resources import files
 
-        raw = gzip.decompress(files("grumpy").joinpath("corpus", SHIPPED_CORPUS).read_bytes())
+        raw = gzip.decompress(files("grumpy").joinpath("corpus").joinpath(SHIPPED_CORPUS).read_bytes())
         return raw.decode("utf-8")
     name = os.fspath(path)
     with reading(name, "a text file"), open(name, "rb") as f:
