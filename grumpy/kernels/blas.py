@@ -4,22 +4,18 @@ Each step of a GRU multiplies a small (B, H) state by the same (H, 3H) weights.
 A BLAS call packs the weights into its internal layout on every call; at
 B = 32 that repacking costs about as much as the arithmetic. MKL can pack a
 matrix once and reuse it (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``,
-:class:`Packed`), which measured 1.3-1.9x faster than NumPy's OpenBLAS on these
-products (128 x 1024 x 3072: 260 against 176-202 GFLOP/s; 32 x 256 x 768:
-203-210 against 108-120; two cores).
+:class:`Packed`), which is faster than NumPy's OpenBLAS on these products.
 
 Once MKL is used, every other float32 product must use it too (:func:`matmul`):
-after a call each library's worker threads keep spinning for a while, and
-OpenBLAS's and MKL's spinning side by side on two cores made a sequence at
-B = 32, H = 256 2.3x slower than either alone.
+after a call each library's worker threads keep spinning for a while, and two
+libraries spinning side by side on two cores starve each other.
 
 The thread pools are why sizes are split three ways. NumPy's OpenBLAS runs
 products under 2^18 multiply-adds on the calling thread (its own threshold), so
-those stay with NumPy, whose call also costs less (17 against 21 us for
-100 x 64 x 65). MKL takes everything larger, on one thread up to
-:data:`MKL_PARALLEL_MIN` (a few microseconds slower than on two, but no pool to
-wake and leave spinning) and on all of them above. So NumPy's pool is never
-woken, whatever the size.
+those stay with NumPy, whose call also costs less. MKL takes everything larger,
+on one thread up to :data:`MKL_PARALLEL_MIN` (no pool to wake and leave
+spinning) and on all of them above. So NumPy's pool is never woken, whatever
+the size. The measurements are in docs/benchmarks.md, "How grumpy is fast".
 
 MKL comes from the ``mkl`` wheel (x86-64), found through its package metadata
 and called through ctypes. Without it, or with ``GRUMPY_MKL=0``, :func:`packed`
@@ -87,9 +83,8 @@ if MKL is not None:
 # Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for
 # using more than one thread (65536 x GEMM_MULTITHREAD_THRESHOLD 4).
 MKL_MIN_MACS = 1 << 18
-# From this many multiply-adds on MKL uses all its threads: measured 1.6-1.9x faster
-# than one thread from 2^21 (100 x 1024 x 65: 83 against 157 us), 1.0-1.2x below.
-MKL_PARALLEL_MIN = int(os.environ.get("GRUMPY_MKL_PARALLEL_MIN", 1 << 21))
+# From this many multiply-adds on MKL uses all its threads; below, one thread is as fast.
+MKL_PARALLEL_MIN = 1 << 21
 
 
 @contextlib.contextmanager
@@ -172,9 +167,8 @@ def column_sums(a: np.ndarray) -> np.ndarray:
     """a (M, N) summed over its rows -> (N,), as ones (1, M) @ a: the bias gradients.
 
     NumPy's a.sum(0) adds row after row in the array's precision (no pairwise
-    summation along axis 0); through BLAS it measured both faster and closer to
-    the float64 sum (12800 x 3072 float32: 6.3 against 18.0 ms, worst relative
-    error 1.9e-6 against 5.8e-6)."""
+    summation along axis 0); through BLAS it is both faster and closer to the
+    float64 sum (docs/benchmarks.md)."""
     return matmul(np.ones((1, a.shape[0]), a.dtype), a)[0]
 
 
@@ -185,12 +179,10 @@ def _numpy(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, beta: float) ->
     return out
 
 
-# Spare pack buffers by size, for the next Packed. MKL asks 8-21 MB for each packed
-# matrix however small (9.2 MB for 768 x 256), and a fresh allocation that large costs
-# page faults on every call: inference at B=128 measured 0.85x the time with reused
-# buffers at H=256 and 0.92x at H=64, training at H=1024 0.93x (in-process A/B). A
-# buffer is either spare or one live Packed's, so concurrent callers never share one.
-# Only what MKL writes into a buffer becomes resident memory.
+# Spare pack buffers by size, for the next Packed. MKL asks megabytes for each packed
+# matrix however small, and a fresh allocation that large costs page faults on every
+# call (docs/benchmarks.md). A buffer is either spare or one live Packed's, so
+# concurrent callers never share one. Only what MKL writes becomes resident memory.
 _SPARE: dict[int, list[np.ndarray]] = {}
 _SPARE_LOCK = threading.Lock()
 _SPARE_MAX = 4  # buffers kept in all (a shared inference pass holds two at a time)

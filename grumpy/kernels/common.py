@@ -56,7 +56,7 @@ def mask2(mask: np.ndarray | None, T: int, dt: np.dtype) -> np.ndarray:
 
 def scratch(workspace: dict[str, np.ndarray] | None, name: str, shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
     """An uninitialised array, reused from ``workspace`` when one of that shape is there:
-    fresh memory costs page faults on every call (docs/benchmarks.md, "Buffers")."""
+    fresh memory costs page faults on every call (docs/benchmarks.md, "How grumpy is fast")."""
     if workspace is None:
         return np.empty(shape, dt)
     a = workspace.get(name)

@@ -85,7 +85,7 @@ def forward(
             product(h_in[t], gh)
             fused(gates[t], gh, bih, bhh, h_in[t], h_out[t], hn_all[t], m2[t])
     _, h_out = state_views(hs, reverse)
-    # A view of the states, not a copy (52 MB at T=100, B=128, H=1024). Read-only, so
+    # A view of the states, not a copy (T·B·H floats, and their page faults). Read-only, so
     # that writing into it, which would corrupt the cache the backward pass reads,
     # raises instead of silently giving wrong gradients.
     if mask is not None:
@@ -212,8 +212,8 @@ def backward(
         matmul(dan2, weight_ih[2 * H :], dx, beta=1.0)
         dx = dx.reshape(x.shape)
     grads = {
-        # As (x^T dG)^T and (h^T dG)^T, the transposes views: MKL runs these faster than
-        # dG^T x (docs/benchmarks.md, "Weight gradients").
+        # As (x^T dG)^T and (h^T dG)^T, the transposes views: MKL runs these faster
+        # than dG^T x (docs/benchmarks.md, "How grumpy is fast").
         "weight_ih": np.concatenate([matmul(x2.T, dgh2[:, : 2 * H]).T, matmul(x2.T, dan2).T]),
         "weight_hh": matmul(h2.T, dgh2).T,
     }

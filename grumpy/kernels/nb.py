@@ -94,11 +94,11 @@ def _gates_forward(g, gh, bih, bhh, hp, ho, hn, m):
     = W_hn h + b_hn; m (B,) the mask (1 valid, 0 padding) or (0,) for none.
 
     b_ih is added here rather than over the whole (T, B, 3H) projection, a pass that
-    read and wrote 157 MB at T=100, B=128, H=1024.
+    read and wrote T·B·3H floats.
 
     Each row is cut into its r, z, n planes before the loop: with one 1-d view per
-    operand LLVM vectorises the single fused loop; indexing g[b, H + j] instead
-    measured 2-3x slower."""
+    operand LLVM vectorises the single fused loop, which indexing g[b, H + j] does not
+    (docs/benchmarks.md, "How grumpy is fast", has the figures behind these kernels)."""
     B, H = hp.shape
     masked = m.shape[0] > 0
     b_ir, b_iz, b_in = planes(bih)
@@ -142,9 +142,8 @@ def _gates_backward(do, hp, g, hn, m, dh):
 
 def _gates_infer(g, gh, bih, bhh, hp, ho, m):
     """:func:`_gates_forward` for inference: only the new state is written (the gates
-    and W_hn h are not kept), 15-45% faster (B=128, H=256 and H=64). g holds the input
-    projections without b_ih, which is added here: a separate pass setting or adding
-    the bias cost 28 of 318 us per step (64 rows, H=256)."""
+    and W_hn h are not kept), so less memory is written. g holds the input projections
+    without b_ih, which is added here rather than in a separate pass."""
     B, H = hp.shape
     masked = m.shape[0] > 0
     b_ir, b_iz, b_in = planes(bih)
@@ -251,10 +250,9 @@ def step_gates(gi, gh, b_ih, b_hh, h, out):
 
 @njit(cache=True)
 def transpose(a, out):
-    """out (C, R) = a (R, C) transposed, in 16 x 16 tiles: at (3072, 1024) float32
-    measured 4.9 ms against 17.6 ms for NumPy's strided copy. Serial: a parallel
-    version took 2.5 ms alone but milliseconds more beside BLAS's spinning threads,
-    and its start-up cost dominated small matrices."""
+    """out (C, R) = a (R, C) transposed, in 16 x 16 tiles (cache-friendly, unlike NumPy's
+    strided copy). Serial: a parallel version lost beside BLAS's spinning threads, and
+    its start-up cost dominated small matrices."""
     R, C = a.shape
     for j0 in range((C + 15) // 16):
         for i0 in range(0, R, 16):
@@ -268,7 +266,7 @@ def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):
     """One step for one stream from transposed weights: x (I,), h (H,), wih_t (I, 3H),
     whh_t (H, 3H), acc (2, 3H) scratch -> out (H,). The products are sums of weight
     rows scaled by x_k and h_k, four at a time: long contiguous loops with no
-    reductions, 2.3x faster than row dot products (:func:`step_serial`) at H=256."""
+    reductions, which vectorise better than row dot products (:func:`step_serial`)."""
     H = h.shape[0]
     gi, gh = acc[0], acc[1]
     gi[:] = b_ih
@@ -297,7 +295,7 @@ def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):
 @njit(fastmath=_FM, error_model="numpy", cache=True)
 def shift_rows(z, out, m):
     """z (N, V) -> m (N,) the row maxima, out (N, V) = z - m: the first pass of log-sum-exp.
-    NumPy's reductions along short rows (V = 65) cost 0.7 ms at N = 12800; this 0.1."""
+    NumPy's reductions along short rows (V = 65) cost most of the loss's time."""
     N, V = z.shape
     for i in range(N):
         zi, oi = z[i], out[i]
@@ -323,8 +321,8 @@ def row_sums(e, s):
 
 # The time loops with MKL's packed product (grumpy.kernels.blas): ``gemm`` is
 # cblas_sgemm_compute (a C function pointer: numba calls it directly, and caches the
-# loop), ``wh``/``wi`` the addresses of the packed weights. No Python between steps: at
-# B=32, H=256 the Python loop spent about 8 of 100 us per step in calls. The forward
+# loop), ``wh``/``wi`` the addresses of the packed weights. No Python between steps:
+# at small sizes the calls of a Python loop are a good part of a step. The forward
 # loop runs the batch rows b0:b1 only and releases the GIL, so that one thread per core
 # can run a share of the batch through the whole sequence, with no synchronisation per
 # step (the rows of a GRU batch never meet). Slicing rows inside keeps the arrays

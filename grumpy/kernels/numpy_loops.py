@@ -31,7 +31,7 @@ def forward(
         gi += bias_ih
     if not reset_after and bias_hh is not None:
         gi[..., 2 * H :] += bias_hh[2 * H :]  # b_hn sits outside the product: fold it in once
-    whh_t = np.ascontiguousarray(weight_hh.T)  # products on a transposed view run up to 2x slower
+    whh_t = np.ascontiguousarray(weight_hh.T)  # products on a transposed view run slower
     w_rz_t, w_n_t = whh_t[:, : 2 * H], np.ascontiguousarray(whh_t[:, 2 * H :])
     b_rz = bias_hh[: 2 * H] if bias_hh is not None else None
 
