@@ -61,11 +61,16 @@ def _train_cmd(args: argparse.Namespace) -> int:
     return 1 if res.stopped == "non_finite" else 0
 
 
-def _sample_cmd(args: argparse.Namespace) -> int:
+def _load(checkpoint: str) -> tuple[Any, dict[str, Any]]:
+    """(model, metadata) of the CHECKPOINT argument; a bad file is an error naming it."""
     try:
-        model, meta = load_model(args.checkpoint)
+        return load_model(checkpoint)
     except ValueError as e:
         raise ValueError(f"CHECKPOINT {e}") from None
+
+
+def _sample_cmd(args: argparse.Namespace) -> int:
+    model, meta = _load(args.checkpoint)
     # sample() checks its arguments before the first character is drawn; the
     # messages name the options as this command spells them.
     try:
@@ -89,10 +94,7 @@ def _sample_cmd(args: argparse.Namespace) -> int:
 
 
 def _eval_cmd(args: argparse.Namespace) -> int:
-    try:
-        model, meta = load_model(args.checkpoint)
-    except ValueError as e:
-        raise ValueError(f"CHECKPOINT {e}") from None
+    model, meta = _load(args.checkpoint)
     try:
         text = load_text(args.text_file)
     except ValueError as e:
