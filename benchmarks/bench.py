@@ -45,7 +45,8 @@ I_SIZE = 65  # input width (one-hot characters)
 V_SIZE = 65  # classes
 T_STEPS = 100
 LR = 0.01
-SIDES = ("grumpy", "torch", "jax")
+# "composed" is grumpy's GRU layer in a program whose other parts are plain NumPy (_composed_side).
+SIDES = ("grumpy", "composed", "torch", "jax")
 # An optional extra side: grumpy with its compiled path and MKL switched off
 # (GRUMPY_NUMBA=0, GRUMPY_MKL=0), i.e. the pure NumPy kernels, as a baseline measured in the same run.
 EXTRA_SIDES = ("numpy",)
@@ -136,6 +137,62 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
         d_out = matmul(d, W).reshape(T, B, H)
         gru.zero_grad()
         gru.backward(d_out, input_grad=False)  # the inputs are data, as torch's (no requires_grad)
+        for name, prm in gru.params.items():
+            prm -= LR * gru.grads[name]
+        W[...] -= LR * dW
+        b[...] -= LR * db
+        return loss
+
+    return train
+
+
+def _composed_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
+    """grumpy's GRU layer inside a program written the plain way: everything else (the
+    head, softmax, its gradient, the SGD update) is ordinary NumPy, no grumpy helper."""
+    from grumpy import GRU
+
+    gru = GRU(I_SIZE, H, dtype=np.float32, seed=0)
+    rng = np.random.default_rng(1)
+    k = 1.0 / math.sqrt(H)
+    W = rng.uniform(-k, k, (V_SIZE, H)).astype(np.float32)
+    b = rng.uniform(-k, k, V_SIZE).astype(np.float32)
+    x, y = _data(T, B)
+    rows, targets = np.arange(T * B), y.reshape(-1)
+
+    if mode == "gen":
+        state = {"h": np.zeros((1, 1, H), np.float32)}
+        x1 = x[:1, :1]
+
+        def gen() -> np.ndarray:
+            out, state["h"] = gru.forward(x1, state["h"], grad=False)
+            return out[0, 0] @ W.T + b
+
+        return gen
+
+    def log_softmax(out: np.ndarray) -> np.ndarray:
+        z = out.reshape(T * B, H) @ W.T + b
+        z -= z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    if mode == "infer":
+
+        def infer() -> float:
+            out, _ = gru.forward(x, grad=False)
+            return float(-log_softmax(out)[rows, targets].mean())
+
+        return infer
+
+    def train() -> float:
+        out, _ = gru.forward(x)
+        logp = log_softmax(out)
+        loss = float(-logp[rows, targets].mean())
+        d = np.exp(logp)  # softmax, then its cross-entropy gradient
+        d[rows, targets] -= 1.0
+        d /= T * B
+        out2 = out.reshape(T * B, H)
+        dW, db = d.T @ out2, d.sum(axis=0)
+        gru.zero_grad()
+        gru.backward((d @ W).reshape(T, B, H))
         for name, prm in gru.params.items():
             prm -= LR * gru.grads[name]
         W[...] -= LR * dW
@@ -253,7 +310,8 @@ def _jax_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
     return train
 
 
-BUILDERS = {"grumpy": _grumpy_side, "numpy": _grumpy_side, "torch": _torch_side, "jax": _jax_side}
+BUILDERS = {"grumpy": _grumpy_side, "composed": _composed_side, "numpy": _grumpy_side, "torch": _torch_side,
+            "jax": _jax_side}
 
 
 def _matmul_gflops(side: str, n: int = 2048, reps: int = 5) -> float:
@@ -273,6 +331,8 @@ def _matmul_gflops(side: str, n: int = 2048, reps: int = 5) -> float:
         ja, jb = jnp.asarray(a), jnp.asarray(bm)
         mm = jax.jit(jnp.matmul)
         f = lambda: mm(ja, jb).block_until_ready()  # noqa: E731
+    elif side == "composed":  # the user's own products: NumPy's
+        f = lambda: a @ bm  # noqa: E731
     else:  # grumpy's products: MKL when installed, else NumPy's BLAS
         from grumpy.kernels.blas import matmul
 
@@ -323,6 +383,8 @@ def _peak_memory(side: str, H: int, B: int, T: int) -> dict[str, Any]:
 
 def _configure_threads(side: str, threads: int) -> Any:
     """Give the side all cores; returns an object to keep alive (threadpoolctl's limiter)."""
+    if side == "composed":  # as a user runs it: nothing configured
+        return None
     if side in ("grumpy", "numpy"):
         from grumpy.kernels.blas import blas_threads
 
@@ -406,7 +468,7 @@ class Worker:
 
 def available_sides() -> dict[str, str | None]:
     """Side -> None if it can run here, else why not."""
-    out: dict[str, str | None] = {"grumpy": None, "numpy": None}
+    out: dict[str, str | None] = {"grumpy": None, "composed": None, "numpy": None}
     out["torch"] = None if importlib.util.find_spec("torch") else "torch not installed"
     missing = [m for m in ("jax", "flax") if importlib.util.find_spec(m) is None]
     out["jax"] = f"{' and '.join(missing)} not installed" if missing else None
@@ -502,7 +564,8 @@ def run(
 def _version(side: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    names = {"grumpy": ["numpy", "numba", "mkl"], "numpy": ["numpy"], "torch": ["torch"], "jax": ["jax", "flax"]}[side]
+    names = {"grumpy": ["numpy", "numba", "mkl"], "composed": ["numpy"], "numpy": ["numpy"], "torch": ["torch"],
+             "jax": ["jax", "flax"]}[side]
     out = []
     for n in names:
         try:
@@ -532,18 +595,19 @@ def to_markdown(res: dict[str, Any]) -> str:
     roof = res.get("roofline_gflops")
     base = "numpy" in res["sides"]
     lines = [
-        "| measure | H | B | grumpy tok/s | torch tok/s | JAX tok/s | grumpy/torch | grumpy/JAX | % roofline |"
-        + (" NumPy-path tok/s | grumpy/NumPy-path |" if base else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if base else ""),
+        "| measure | H | B | grumpy tok/s | composed tok/s | torch tok/s | JAX tok/s | grumpy/torch | grumpy/JAX "
+        "| composed/torch | composed/JAX | % roofline |" + (" NumPy-path tok/s | grumpy/NumPy-path |" if base else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if base else ""),
     ]
     for p in res["points"]:
         r = p["tok_s"]
-        g, t, j, n = r.get("grumpy"), r.get("torch"), r.get("jax"), r.get("numpy")
+        g, c, t, j, n = r.get("grumpy"), r.get("composed"), r.get("torch"), r.get("jax"), r.get("numpy")
         pct = ("" if p["mode"] == "gen" or not (roof and g)
                else f"{100 * g * flops_per_token(p['H'], mode=p['mode']) / (roof * 1e9):.0f}%")
         lines.append(
-            f"| {p['mode']} | {p['H']} | {p['B']} | {_fmt_rate(g)} | {_fmt_rate(t)} | {_fmt_rate(j)} "
-            f"| {_ratio(g, t)} | {_ratio(g, j)} | {pct} |" + (f" {_fmt_rate(n)} | {_ratio(g, n)} |" if base else "")
+            f"| {p['mode']} | {p['H']} | {p['B']} | {_fmt_rate(g)} | {_fmt_rate(c)} | {_fmt_rate(t)} | {_fmt_rate(j)} "
+            f"| {_ratio(g, t)} | {_ratio(g, j)} | {_ratio(c, t)} | {_ratio(c, j)} | {pct} |"
+            + (f" {_fmt_rate(n)} | {_ratio(g, n)} |" if base else "")
         )
     mem = res.get("memory", {})
     out = ["\n".join(lines), ""]

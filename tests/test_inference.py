@@ -35,6 +35,8 @@ def assert_same(want, got, dtype):
 SMALL_CHUNKS = 3 * 4 * 6 * 3 * 2  # a few steps per chunk of input projections
 ROUTES = {
     "default": None,
+    "loop": K.Route("loop"),
+    "loop-parallel": K.Route("loop", parallel=True),
     "packed": K.Route("packed", chunk_bytes=SMALL_CHUNKS),
     "steps": K.Route("steps", chunk_bytes=SMALL_CHUNKS),
     "steps-no-mkl": K.Route("steps", chunk_bytes=SMALL_CHUNKS),  # the loop where MKL is not installed

@@ -38,6 +38,7 @@ def problem(rng, T=9, B=3, I=5, H=6, masked=False):
 
 COMPILED = {  # every compiled route, forced at a small size
     "loop": K.Route("loop"),
+    "loop-parallel": K.Route("loop", parallel=True),
     "packed": K.Route("packed"),
     "steps": K.Route("steps"),
     "steps-parallel": K.Route("steps", parallel=True),

@@ -38,6 +38,7 @@ import numpy as np
 # CBLAS's enumerations (cblas.h), also passed by the compiled loops of grumpy.kernels.nb.
 ROW_MAJOR, NO_TRANS, TRANS, PACKED, B_MATRIX = 101, 111, 112, 151, 162
 _F32 = np.dtype(np.float32)
+_i, _l, _p = ctypes.c_int, ctypes.c_int64, ctypes.c_size_t  # C int, 64-bit integer, address
 
 
 def _load() -> Any:
@@ -75,9 +76,37 @@ MKL: Any = _load()
 # compiled loops can take as an argument and call (and still be cached), or None.
 COMPUTE: Any = None
 if MKL is not None:
-    _i, _p = ctypes.c_int, ctypes.c_size_t
     COMPUTE = ctypes.CFUNCTYPE(None, _i, _i, _i, _i, _i, _i, _p, _i, _p, _i, ctypes.c_float, _p, _i)(
         ctypes.cast(MKL.cblas_sgemm_compute, ctypes.c_void_p).value or 0)
+
+
+def _numpy_sgemm() -> Any:
+    """cblas_sgemm of the BLAS NumPy itself uses (the OpenBLAS its wheels ship, 64-bit
+    integers), as a C function pointer the compiled loops can take and call; or None.
+
+    Loading the library NumPy has loaded gives the same library, so grumpy's loops
+    and the user's own ``a @ b`` share one thread pool instead of competing."""
+    import glob
+
+    here = os.path.dirname(np.__file__)
+    paths = [p for d in (os.path.join(here, os.pardir, "numpy.libs"), os.path.join(here, ".dylibs"))
+             for p in sorted(glob.glob(os.path.join(d, "*openblas*")))]
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                return SGEMM_TYPE(ctypes.cast(fn, ctypes.c_void_p).value or 0)
+    return None
+
+
+# cblas_sgemm with 64-bit integers: order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc.
+SGEMM_TYPE = ctypes.CFUNCTYPE(None, _i, _i, _i, _l, _l, _l, ctypes.c_float, _p, _l, _p, _l, ctypes.c_float, _p, _l)
+# NumPy's own sgemm, for the compiled loops (None: NumPy's BLAS could not be found).
+SGEMM: Any = None if os.environ.get("GRUMPY_NUMBA", "1") == "0" else _numpy_sgemm()
 
 
 # Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for

@@ -76,7 +76,8 @@ def forward(
             nb.forward_loop_packed(blas.COMPUTE, pk.ptr, 0, _NO_X, gates, bih, bhh, hs, hn_all, m2, reverse,
                                    gh, route.parallel, 0, B)
     elif route.kind == "loop":
-        nb.forward_loop(gates, transposed(weight_hh), bih, bhh, hs, hn_all, m2, reverse, gh)
+        nb.forward_loop(blas.SGEMM, gates, np.ascontiguousarray(weight_hh), bih, bhh, hs, hn_all, m2, reverse, gh,
+                        route.parallel)
     else:
         fused = nb.gates_forward_parallel if route.parallel else nb.gates_forward_serial
         product = _recurrent_product(weight_hh, B)
@@ -194,7 +195,7 @@ def backward(
         with pk.threads():
             nb.backward_loop_packed(blas.COMPUTE, pk.ptr, d_output, hs, dgh, da_n, m2, reverse, dh, route.parallel)
     elif route.kind == "loop":
-        nb.backward_loop(d_output, hs, dgh, da_n, m2, reverse, whh, dh, np.empty((B, H), dt))
+        nb.backward_loop(blas.SGEMM, d_output, hs, dgh, da_n, m2, reverse, whh, dh, route.parallel)
     else:
         fused = nb.gates_backward_parallel if route.parallel else nb.gates_backward_serial
         # Also for one stream: d W_hh reads W_hh's rows in order (faster than a transposed copy).

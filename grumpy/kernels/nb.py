@@ -26,6 +26,7 @@ from numba import njit, prange
 from grumpy.kernels.blas import NO_TRANS as _NT
 from grumpy.kernels.blas import PACKED as _PK
 from grumpy.kernels.blas import ROW_MAJOR as _RM
+from grumpy.kernels.blas import TRANS as _TR
 
 _P0, _P1, _P2, _P3, _P4 = (np.float32(c) for c in (9.99999992e-01, 1.33968640e-01, 3.51427694e-03,
                                                     2.09118331e-05, 1.37653380e-08))
@@ -170,41 +171,64 @@ def _named(f, suffix):
     return g
 
 
-gates_forward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_forward, "_serial"))
-gates_forward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
-    _named(_gates_forward, "_parallel"))
-gates_infer_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_infer, "_serial"))
-gates_infer_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
-    _named(_gates_infer, "_parallel"))
-gates_backward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_backward, "_serial"))
-gates_backward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
-    _named(_gates_backward, "_parallel"))
+def _variants(f):
+    """f compiled three ways: serial, parallel (called from Python), and parallel for
+    the compiled loops. The last is not cached on its own: a loop cached in one process
+    that had called a parallel kernel loaded from another process's cache crashed the
+    next process that loaded the loop (numba links the parallel kernel's code into
+    the loop; tests/test_kernels_compiled.py reproduces the sequence)."""
+    return (njit(fastmath=_FM, error_model="numpy", cache=True)(_named(f, "_serial")),
+            njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(_named(f, "_parallel")),
+            njit(fastmath=_FM, error_model="numpy", cache=False, parallel=True)(_named(f, "_parallel_in_loop")))
+
+
+gates_forward_serial, gates_forward_parallel, _gates_forward_in_loop = _variants(_gates_forward)
+gates_infer_serial, gates_infer_parallel, _gates_infer_in_loop = _variants(_gates_infer)
+gates_backward_serial, gates_backward_parallel, _gates_backward_in_loop = _variants(_gates_backward)
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def forward_loop(gates, whh_t, bih, bhh, hs, hn_all, mask, reverse, gh):
-    """The whole time loop, for small sizes (see :func:`_gates_forward` for the arrays;
-    mask (T, B) or (T, 0)); hs (T+1, B, H) holds h0 on entry, gates the input projections."""
-    T = gates.shape[0]
+def forward_loop(sgemm, gates, whh, bih, bhh, hs, hn_all, mask, reverse, gh, parallel):
+    """The whole time loop (see :func:`_gates_forward` for the arrays; mask (T, B) or
+    (T, 0)); hs (T+1, B, H) holds h0 on entry, gates the input projections. ``sgemm``
+    is NumPy's own cblas_sgemm (64-bit integers, :data:`grumpy.kernels.blas.SGEMM`),
+    whh the (3H, H) weights as they are: gh = h W_hh^T, for one stream W_hh h."""
+    T, B, G = gates.shape
+    H = G // 3
     for step in range(T):
         t = T - 1 - step if reverse else step
         ip = t + 1 if reverse else t
         io = t if reverse else t + 1
-        np.dot(hs[ip], whh_t, gh)
-        gates_forward_serial(gates[t], gh, bih, bhh, hs[ip], hs[io], hn_all[t], mask[t])
+        hp = hs[ip]
+        if B == 1:  # a matrix-vector product on W_hh's contiguous rows
+            sgemm(_RM, _NT, _NT, G, 1, H, _ONE, whh.ctypes.data, H, hp.ctypes.data, 1, _ZERO, gh.ctypes.data, 1)
+        else:
+            sgemm(_RM, _NT, _TR, B, G, H, _ONE, hp.ctypes.data, H, whh.ctypes.data, H, _ZERO, gh.ctypes.data, G)
+        if parallel:
+            _gates_forward_in_loop(gates[t], gh, bih, bhh, hp, hs[io], hn_all[t], mask[t])
+        else:
+            gates_forward_serial(gates[t], gh, bih, bhh, hp, hs[io], hn_all[t], mask[t])
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def backward_loop(d_output, hs, gates, hn_all, mask, reverse, whh, dh, dhh):
-    """The whole backward time loop, for small sizes; dh (B, H) enters as dL/dh_last
-    and leaves as dL/dh0; gates and hn_all are replaced as in :func:`_gates_backward`."""
-    T = d_output.shape[0]
+def backward_loop(sgemm, d_output, hs, gates, hn_all, mask, reverse, whh, dh, parallel):
+    """The whole backward time loop; dh (B, H) enters as dL/dh_last and leaves as
+    dL/dh0; gates and hn_all are replaced as in :func:`_gates_backward`; dh += dgh W_hh
+    through ``sgemm`` as in :func:`forward_loop`."""
+    T, B, G = gates.shape
+    H = G // 3
     for step in range(T):
         t = step if reverse else T - 1 - step
         ip = t + 1 if reverse else t
-        gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
-        np.dot(gates[t], whh, dhh)
-        dh += dhh
+        if parallel:
+            _gates_backward_in_loop(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+        else:
+            gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+        g = gates[t]
+        if B == 1:  # dh^T += W_hh^T dgh^T, reading W_hh's rows in order
+            sgemm(_RM, _TR, _NT, H, 1, G, _ONE, whh.ctypes.data, H, g.ctypes.data, 1, _ONE, dh.ctypes.data, 1)
+        else:
+            sgemm(_RM, _NT, _NT, B, H, G, _ONE, g.ctypes.data, G, whh.ctypes.data, H, _ONE, dh.ctypes.data, H)
 
 
 def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):
@@ -354,11 +378,11 @@ def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reve
         hp, ho, m = hs[ip, b0:b1], hs[io, b0:b1], mask[t, b0:b1]
         gemm(_RM, _NT, _PK, n, G, H, hp.ctypes.data, H, wh, H, np.float32(0.0), gh.ctypes.data, G)
         if keep and parallel:
-            gates_forward_parallel(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
+            _gates_forward_in_loop(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
         elif keep:
             gates_forward_serial(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
         elif parallel:
-            gates_infer_parallel(g, gh, bih, bhh, hp, ho, m)
+            _gates_infer_in_loop(g, gh, bih, bhh, hp, ho, m)
         else:
             gates_infer_serial(g, gh, bih, bhh, hp, ho, m)
 
@@ -372,7 +396,7 @@ def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh
         t = step if reverse else T - 1 - step
         ip = t + 1 if reverse else t
         if parallel:
-            gates_backward_parallel(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+            _gates_backward_in_loop(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
         else:
             gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
         gemm(_RM, _NT, _PK, B, H, G, gates[t].ctypes.data, G, w, G, np.float32(1.0), dh.ctypes.data, H)

@@ -12,12 +12,13 @@ The routes, from the most general to the most specialised:
 ========  ====================================================================
 numpy     the NumPy loop: any dtype, both gate forms (the only one for float64
           and ``reset_after=False``)
-loop      the whole time loop compiled (numba), products by scipy's BLAS: small
-          sizes without MKL
-packed    the whole time loop compiled, each step's recurrent product on weights
-          MKL packed once per call
+loop      the whole time loop compiled (numba), each step's product by the BLAS
+          NumPy itself uses (one thread pool with the caller's own NumPy code)
+packed    with the opt-in MKL: the whole time loop compiled, each step's recurrent
+          product on weights MKL packed once per call
 steps     a Python loop over the steps: one BLAS product and one compiled gate
-          kernel per step (large sizes without MKL, one stream at large H)
+          kernel per step (where NumPy's BLAS cannot be called from compiled code;
+          with MKL, large sizes and one stream at large H)
 shared    inference only, with MKL: each core takes a share of the batch's rows
           through the whole sequence, no synchronisation per step
 ========  ====================================================================
@@ -37,8 +38,8 @@ ROUTES = ("numpy", "loop", "packed", "steps", "shared")
 
 # Gate kernels use all cores from this many batch x hidden elements per step.
 PARALLEL_MIN = 1 << 16
-# Without MKL, the whole loop is compiled up to this many multiply-adds per step
-# (B * H * 3H); above, NumPy's BLAS (faster on large products than scipy's) is called per step.
+# With MKL, the whole loop is compiled up to this many multiply-adds per step (B * H * 3H);
+# above, MKL's ordinary product is called per step.
 LOOP_MAX_MACS = 1 << 19
 # One stream takes the packed product from this H on, when the whole loop is compiled.
 PACKED_MIN_H = 128
@@ -102,12 +103,14 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
     n_shares = min(blas.cores(), B // SHARE_MIN_ROWS)
     if not grad and blas.MKL is not None and n_shares >= 2:
         return Route("shared", shares=_even_shares(B, n_shares))
-    whole_loop = B * H * 3 * H <= LOOP_MAX_MACS
-    # Packing pays for any batch; for one stream only inside the compiled loop (a step that
-    # reads the whole W_hh once for a matrix-vector product gains nothing from it).
-    if blas.MKL is not None and (B > 1 or (whole_loop and H >= PACKED_MIN_H)):
-        return Route("packed", parallel)
-    return Route("loop") if whole_loop else Route("steps", parallel)
+    if blas.MKL is not None:  # the opt-in MKL: its packed product, and its ctypes products per step
+        whole_loop = B * H * 3 * H <= LOOP_MAX_MACS
+        # Packing pays for any batch; for one stream only inside the compiled loop (a step that
+        # reads the whole W_hh once for a matrix-vector product gains nothing from it).
+        if B > 1 or (whole_loop and H >= PACKED_MIN_H):
+            return Route("packed", parallel)
+        return Route("loop") if whole_loop else Route("steps", parallel)
+    return Route("loop", parallel) if blas.SGEMM is not None else Route("steps", parallel)
 
 
 def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: bool) -> Route:
@@ -122,6 +125,8 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
         raise ValueError("route 'shared': inference only (grad=False)")
     if kind in ("packed", "shared") and blas.MKL is None:
         raise ValueError(f"route {kind!r}: needs MKL's packed product, which is not loaded")
+    if kind == "loop" and blas.SGEMM is None:
+        raise ValueError("route 'loop': needs NumPy's BLAS (OpenBLAS), which was not found")
     if kind == "shared":
         return Route("shared", shares=_even_shares(B, max(1, min(blas.cores(), B))))
     return Route(kind, B * H >= PARALLEL_MIN)
