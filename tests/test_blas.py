@@ -189,7 +189,6 @@ def test_run_each_returns_in_order_raises_and_restores_threads():
     assert _blas.cores() == before
 
 
-@needs_mkl
 @pytest.mark.parametrize("B", [64, 67, 129])
 def test_shared_inference_matches_training_forward(B):
     # Rows never meet in a GRU: sharing them among threads changes nothing but where

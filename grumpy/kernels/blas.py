@@ -31,7 +31,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,12 +80,20 @@ if MKL is not None:
         ctypes.cast(MKL.cblas_sgemm_compute, ctypes.c_void_p).value or 0)
 
 
-def _numpy_sgemm() -> Any:
-    """cblas_sgemm of the BLAS NumPy itself uses (the OpenBLAS its wheels ship, 64-bit
-    integers), as a C function pointer the compiled loops can take and call; or None.
+class NumpyBLAS(NamedTuple):
+    """What grumpy calls of the BLAS NumPy itself uses (ctypes functions; None where absent)."""
 
-    Loading the library NumPy has loaded gives the same library, so grumpy's loops
-    and the user's own ``a @ b`` share one thread pool instead of competing."""
+    sgemm: Any  # cblas_sgemm (64-bit integers) as a C function pointer the compiled loops can call
+    get_threads: Any  # () -> the threads its calls use
+    set_threads_local: Any  # (n) -> the calling thread's previous count
+
+
+def _numpy_blas() -> NumpyBLAS | None:
+    """The BLAS NumPy itself uses, or None where it cannot be found.
+
+    NumPy's wheels ship OpenBLAS with 64-bit integers and (NumPy 2) a ``scipy_``
+    prefix. Loading the library NumPy has loaded gives the same library, so grumpy's
+    loops and the caller's own ``a @ b`` share one thread pool instead of competing."""
     import glob
 
     here = os.path.dirname(np.__file__)
@@ -96,17 +104,26 @@ def _numpy_sgemm() -> Any:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                return SGEMM_TYPE(ctypes.cast(fn, ctypes.c_void_p).value or 0)
+        for prefix in ("scipy_", ""):
+            fn = getattr(lib, prefix + "cblas_sgemm64_", None)
+            if fn is None:
+                continue
+            get = getattr(lib, prefix + "openblas_get_num_threads64_", None)
+            set_local = getattr(lib, "openblas_set_num_threads_local", None)
+            for f in (get, set_local):
+                if f is not None:
+                    f.restype = ctypes.c_int
+            if set_local is not None:
+                set_local.argtypes = [ctypes.c_int]
+            return NumpyBLAS(SGEMM_TYPE(ctypes.cast(fn, ctypes.c_void_p).value or 0), get, set_local)
     return None
 
 
 # cblas_sgemm with 64-bit integers: order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc.
 SGEMM_TYPE = ctypes.CFUNCTYPE(None, _i, _i, _i, _l, _l, _l, ctypes.c_float, _p, _l, _p, _l, ctypes.c_float, _p, _l)
-# NumPy's own sgemm, for the compiled loops (None: NumPy's BLAS could not be found).
-SGEMM: Any = None if os.environ.get("GRUMPY_NUMBA", "1") == "0" else _numpy_sgemm()
+# NumPy's own BLAS, and its sgemm for the compiled loops (None: not found, or GRUMPY_NUMBA=0).
+NUMPY_BLAS = None if os.environ.get("GRUMPY_NUMBA", "1") == "0" else _numpy_blas()
+SGEMM: Any = NUMPY_BLAS.sgemm if NUMPY_BLAS is not None else None
 
 
 # Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for
@@ -128,12 +145,19 @@ def _threads(macs: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """MKL on the calling thread only, inside the block."""
-    prev = MKL.MKL_Set_Num_Threads_Local(1)
+    """The BLAS grumpy calls (MKL, else NumPy's) on the calling thread only, inside the block."""
+    if MKL is not None:
+        set_local = MKL.MKL_Set_Num_Threads_Local
+    elif NUMPY_BLAS is not None and NUMPY_BLAS.set_threads_local is not None:
+        set_local = NUMPY_BLAS.set_threads_local
+    else:
+        yield
+        return
+    prev = set_local(1)
     try:
         yield
     finally:
-        MKL.MKL_Set_Num_Threads_Local(prev)
+        set_local(prev)
 
 
 def _operand(a: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -281,8 +305,13 @@ def packed(w: np.ndarray, m: int, trans: bool) -> Packed | None:
 
 
 def cores() -> int:
-    """The threads MKL would use (all cores, unless limited, e.g. by threadpoolctl); 1 without MKL."""
-    return max(1, MKL.MKL_Get_Max_Threads()) if MKL is not None else 1
+    """The threads the BLAS grumpy calls would use (all cores, unless limited, e.g. by
+    threadpoolctl); 1 where that BLAS cannot run on one thread per caller."""
+    if MKL is not None:
+        return max(1, MKL.MKL_Get_Max_Threads())
+    if NUMPY_BLAS is None or NUMPY_BLAS.set_threads_local is None or NUMPY_BLAS.get_threads is None:
+        return 1
+    return max(1, NUMPY_BLAS.get_threads())
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -49,6 +49,40 @@ def _recurrent_product(weight_hh: np.ndarray, B: int) -> Callable[[np.ndarray, n
     return lambda h, gh: matmul(h, whh_t, gh)
 
 
+class _Loop:
+    """The compiled time loop over whichever product the route takes: NumPy's own sgemm
+    on the weights as they are (``loop``, ``shared`` without MKL), or MKL's on weights it
+    packed once (``packed``, ``shared`` with MKL). Called for a range of steps (a chunk)
+    and a range of rows (a share); ``stepwise`` loops compute the input projections
+    step by step from x (inference shares)."""
+
+    def __init__(self, route: Route, weight_ih: np.ndarray, weight_hh: np.ndarray, rows: int, stepwise: bool) -> None:
+        self.parallel = route.parallel
+        self.mkl = route.kind == "packed" or (route.kind == "shared" and blas.MKL is not None)
+        serial = route.kind == "shared"  # one share per thread: products on that thread
+        if self.mkl:
+            self.wh = blas.Packed(weight_hh, rows, trans=True, serial=serial)
+            self.wi = blas.Packed(weight_ih, rows, trans=True, serial=serial) if stepwise else None
+        else:
+            self.whh = np.ascontiguousarray(weight_hh)
+            self.wih = np.ascontiguousarray(weight_ih) if stepwise else _NO_W
+
+    def __call__(self, x: np.ndarray, gates: np.ndarray, bih: np.ndarray, bhh: np.ndarray, hs: np.ndarray,
+                 hn_all: np.ndarray, m2: np.ndarray, reverse: bool, b0: int, b1: int) -> None:
+        nb = _nb()
+        gh = np.empty((b1 - b0, gates.shape[2]), gates.dtype)
+        if self.mkl:
+            with self.wh.threads():
+                nb.forward_loop_packed(blas.COMPUTE, self.wh.ptr, self.wi.ptr if self.wi else 0, x, gates, bih, bhh,
+                                       hs, hn_all, m2, reverse, gh, self.parallel, b0, b1)
+        else:
+            nb.forward_loop(blas.SGEMM, x, self.wih, gates, self.whh, bih, bhh, hs, hn_all, m2, reverse, gh,
+                            self.parallel, b0, b1)
+
+
+_NO_W = np.empty((0, 0), np.float32)  # the loop's W_ih when the gates hold the input projections
+
+
 def forward(
     route: Route, x: np.ndarray, h0: np.ndarray, weight_ih: np.ndarray, weight_hh: np.ndarray,
     bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None,
@@ -57,7 +91,7 @@ def forward(
     """See :func:`grumpy.kernels.gru_sequence_forward`."""
     if route.kind == "shared":
         return _forward_shared(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
-    if not keep_cache and route.kind != "loop":
+    if not keep_cache:
         return _forward_inference(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
     nb = _nb()
     T, B, _ = x.shape
@@ -69,22 +103,16 @@ def forward(
     hn_all = scratch(workspace, "hn", (T, B, H), dt)
     bih, bhh = biases(bias_ih, bias_hh, H, dt)
     m2 = mask2(mask, T, dt)
-    gh = np.empty((B, 3 * H), dt)
-    if route.kind == "packed":
-        pk = blas.Packed(weight_hh, B, trans=True)
-        with pk.threads():
-            nb.forward_loop_packed(blas.COMPUTE, pk.ptr, 0, _NO_X, gates, bih, bhh, hs, hn_all, m2, reverse,
-                                   gh, route.parallel, 0, B)
-    elif route.kind == "loop":
-        nb.forward_loop(blas.SGEMM, gates, np.ascontiguousarray(weight_hh), bih, bhh, hs, hn_all, m2, reverse, gh,
-                        route.parallel)
-    else:
+    if route.kind == "steps":
         fused = nb.gates_forward_parallel if route.parallel else nb.gates_forward_serial
         product = _recurrent_product(weight_hh, B)
         h_in, h_out = state_views(hs, reverse)
+        gh = np.empty((B, 3 * H), dt)
         for t in time_steps(T, reverse):
             product(h_in[t], gh)
             fused(gates[t], gh, bih, bhh, h_in[t], h_out[t], hn_all[t], m2[t])
+    else:
+        _Loop(route, weight_ih, weight_hh, B, stepwise=False)(_NO_X, gates, bih, bhh, hs, hn_all, m2, reverse, 0, B)
     _, h_out = state_views(hs, reverse)
     # A view of the states, not a copy (T·B·H floats, and their page faults). Read-only, so
     # that writing into it, which would corrupt the cache the backward pass reads,
@@ -93,10 +121,8 @@ def forward(
         output = h_out * mask
     else:
         output = h_out.view()
-        output.flags.writeable = not keep_cache
-    h_last = hs[0 if reverse else T].copy()
-    cache = SeqCache(x, hs, gates, hn_all, mask, reverse, True, route) if keep_cache else None
-    return output, h_last, cache
+        output.flags.writeable = False
+    return output, hs[0 if reverse else T].copy(), SeqCache(x, hs, gates, hn_all, mask, reverse, True, route)
 
 
 def _forward_inference(
@@ -112,23 +138,21 @@ def _forward_inference(
     chunk = max(1, min(T, route.chunk_bytes // (B * 3 * H * dt.itemsize)))
     gbuf = np.empty((chunk, B, 3 * H), dt)
     hs = new_states(h0, T, reverse)
-    gh = np.empty((B, 3 * H), dt)
     bih, bhh = biases(bias_ih, bias_hh, H, dt)
     m2 = mask2(mask, T, dt)
-    no_hn = np.empty((0, B, H), dt)  # tells the packed loop to keep nothing
-    pk = blas.Packed(weight_hh, B, trans=True) if route.kind == "packed" else None
-    product = _recurrent_product(weight_hh, B) if pk is None else None
+    no_hn = np.empty((0, B, H), dt)  # tells the compiled loop to keep nothing
+    loop = _Loop(route, weight_ih, weight_hh, B, stepwise=False) if route.kind != "steps" else None
+    product = _recurrent_product(weight_hh, B) if loop is None else None
     fused = nb.gates_infer_parallel if route.parallel else nb.gates_infer_serial
+    gh = np.empty((B, 3 * H), dt)
     order = list(time_steps(T, reverse))
     for c0 in range(0, T, chunk):
         ts = order[c0 : c0 + chunk]
         lo, n = min(ts), len(ts)
         g = gbuf[:n]
         matmul(x[lo : lo + n].reshape(n * B, I), weight_ih.T, g.reshape(n * B, 3 * H))
-        if pk is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
-            with pk.threads():
-                nb.forward_loop_packed(blas.COMPUTE, pk.ptr, 0, _NO_X, g, bih, bhh, hs[lo : lo + n + 1], no_hn,
-                                       m2[lo : lo + n], reverse, gh, route.parallel, 0, B)
+        if loop is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
+            loop(_NO_X, g, bih, bhh, hs[lo : lo + n + 1], no_hn, m2[lo : lo + n], reverse, 0, B)
             continue
         assert product is not None
         for t in ts:
@@ -144,16 +168,14 @@ def _forward_shared(
     bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, None]:
     """Inference with the batch shared among the cores: each share of rows runs the whole
-    sequence on its own thread (:func:`grumpy.kernels.blas.run_each`), input projections
-    included, step by step while its rows are in cache. Nothing of size T is kept but the
-    states, and nothing synchronises until the end (the rows of a GRU batch never meet)."""
-    nb = _nb()
+    sequence on its own thread (:func:`grumpy.kernels.blas.run_each`, BLAS on one thread
+    inside each), input projections included, step by step while its rows are in cache.
+    Nothing of size T is kept but the states, and nothing synchronises until the end
+    (the rows of a GRU batch never meet)."""
     T, B, _ = x.shape
     H = h0.shape[-1]
     dt = x.dtype
-    rows = max(b1 - b0 for b0, b1 in route.shares)
-    wh = blas.Packed(weight_hh, rows, trans=True, serial=True)
-    wi = blas.Packed(weight_ih, rows, trans=True, serial=True)
+    loop = _Loop(route, weight_ih, weight_hh, max(b1 - b0 for b0, b1 in route.shares), stepwise=True)
     x = np.ascontiguousarray(x)
     hs = new_states(h0, T, reverse)
     bih, bhh = biases(bias_ih, bias_hh, H, dt)
@@ -161,10 +183,7 @@ def _forward_shared(
     no_hn = np.empty((0, B, H), dt)
 
     def share(b0: int, b1: int) -> None:
-        g = np.empty((1, b1 - b0, 3 * H), dt)
-        gh = np.empty((b1 - b0, 3 * H), dt)
-        nb.forward_loop_packed(blas.COMPUTE, wh.ptr, wi.ptr, x, g, bih, bhh, hs, no_hn, m2, reverse, gh,
-                               False, b0, b1)
+        loop(x, np.empty((1, b1 - b0, 3 * H), dt), bih, bhh, hs, no_hn, m2, reverse, b0, b1)
 
     blas.run_each([partial(share, b0, b1) for b0, b1 in route.shares])
     out, h_last = outputs(hs, mask, reverse)

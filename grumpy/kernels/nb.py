@@ -187,27 +187,47 @@ gates_infer_serial, gates_infer_parallel, _gates_infer_in_loop = _variants(_gate
 gates_backward_serial, gates_backward_parallel, _gates_backward_in_loop = _variants(_gates_backward)
 
 
-@njit(fastmath=_FM, error_model="numpy", cache=True)
-def forward_loop(sgemm, gates, whh, bih, bhh, hs, hn_all, mask, reverse, gh, parallel):
-    """The whole time loop (see :func:`_gates_forward` for the arrays; mask (T, B) or
-    (T, 0)); hs (T+1, B, H) holds h0 on entry, gates the input projections. ``sgemm``
-    is NumPy's own cblas_sgemm (64-bit integers, :data:`grumpy.kernels.blas.SGEMM`),
-    whh the (3H, H) weights as they are: gh = h W_hh^T, for one stream W_hh h."""
-    T, B, G = gates.shape
-    H = G // 3
+@njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
+def forward_loop(sgemm, x, wih, gates, whh, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):
+    """The whole time loop for the batch rows b0:b1 (see :func:`_gates_forward` for the
+    arrays; mask (T, B) or (T, 0)); hs (T+1, B, H) holds h0 on entry.
+
+    ``sgemm`` is NumPy's own cblas_sgemm (64-bit integers, :data:`grumpy.kernels.blas.SGEMM`);
+    whh and wih the (3H, H) and (3H, I) weights as they are: gh = h W_hh^T (for one row,
+    W_hh h on W_hh's contiguous rows). ``wih`` empty (0, 0): gates (T, B, 3H) hold the
+    input projections. Else (inference, one share of a batch) x (T, B, I) times W_ih^T is
+    computed step by step into gates (1, b1-b0, 3H) while the rows are in cache. An empty
+    hn_all (0, B, H) means inference (:func:`_gates_infer`). The gate kernels add ``bih``;
+    ``parallel`` picks the ones that use all cores. No GIL: one thread per core can run a
+    share of the rows through the whole sequence (the rows of a GRU batch never meet)."""
+    T = hs.shape[0] - 1
+    H = hs.shape[2]
+    G = 3 * H
+    I = x.shape[2]
+    n = b1 - b0
+    keep = hn_all.shape[0] > 0
+    stepwise = wih.shape[0] > 0
     for step in range(T):
         t = T - 1 - step if reverse else step
         ip = t + 1 if reverse else t
         io = t if reverse else t + 1
-        hp = hs[ip]
-        if B == 1:  # a matrix-vector product on W_hh's contiguous rows
+        g = gates[0] if stepwise else gates[t, b0:b1]
+        if stepwise:
+            sgemm(_RM, _NT, _TR, n, G, I, _ONE, x[t, b0:b1].ctypes.data, I, wih.ctypes.data, I, _ZERO,
+                  g.ctypes.data, G)
+        hp, ho, m = hs[ip, b0:b1], hs[io, b0:b1], mask[t, b0:b1]
+        if n == 1:
             sgemm(_RM, _NT, _NT, G, 1, H, _ONE, whh.ctypes.data, H, hp.ctypes.data, 1, _ZERO, gh.ctypes.data, 1)
         else:
-            sgemm(_RM, _NT, _TR, B, G, H, _ONE, hp.ctypes.data, H, whh.ctypes.data, H, _ZERO, gh.ctypes.data, G)
-        if parallel:
-            _gates_forward_in_loop(gates[t], gh, bih, bhh, hp, hs[io], hn_all[t], mask[t])
+            sgemm(_RM, _NT, _TR, n, G, H, _ONE, hp.ctypes.data, H, whh.ctypes.data, H, _ZERO, gh.ctypes.data, G)
+        if keep and parallel:
+            _gates_forward_in_loop(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
+        elif keep:
+            gates_forward_serial(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
+        elif parallel:
+            _gates_infer_in_loop(g, gh, bih, bhh, hp, ho, m)
         else:
-            gates_forward_serial(gates[t], gh, bih, bhh, hp, hs[io], hn_all[t], mask[t])
+            gates_infer_serial(g, gh, bih, bhh, hp, ho, m)
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)

@@ -19,8 +19,8 @@ packed    with the opt-in MKL: the whole time loop compiled, each step's recurre
 steps     a Python loop over the steps: one BLAS product and one compiled gate
           kernel per step (where NumPy's BLAS cannot be called from compiled code;
           with MKL, large sizes and one stream at large H)
-shared    inference only, with MKL: each core takes a share of the batch's rows
-          through the whole sequence, no synchronisation per step
+shared    inference only: each core takes a share of the batch's rows through
+          the whole sequence, BLAS on one thread in each, no synchronisation per step
 ========  ====================================================================
 """
 
@@ -101,7 +101,7 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
         return Route("numpy")
     parallel = B * H >= PARALLEL_MIN
     n_shares = min(blas.cores(), B // SHARE_MIN_ROWS)
-    if not grad and blas.MKL is not None and n_shares >= 2:
+    if not grad and (blas.MKL is not None or blas.SGEMM is not None) and n_shares >= 2:
         return Route("shared", shares=_even_shares(B, n_shares))
     if blas.MKL is not None:  # the opt-in MKL: its packed product, and its ctypes products per step
         whole_loop = B * H * 3 * H <= LOOP_MAX_MACS
@@ -109,7 +109,7 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
         # reads the whole W_hh once for a matrix-vector product gains nothing from it).
         if B > 1 or (whole_loop and H >= PACKED_MIN_H):
             return Route("packed", parallel)
-        return Route("loop") if whole_loop else Route("steps", parallel)
+        return Route("loop") if whole_loop and blas.SGEMM is not None else Route("steps", parallel)
     return Route("loop", parallel) if blas.SGEMM is not None else Route("steps", parallel)
 
 
@@ -123,10 +123,10 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
                          f"(got {np.dtype(dtype)}, reset_after={reset_after})")
     if kind == "shared" and grad:
         raise ValueError("route 'shared': inference only (grad=False)")
-    if kind in ("packed", "shared") and blas.MKL is None:
-        raise ValueError(f"route {kind!r}: needs MKL's packed product, which is not loaded")
-    if kind == "loop" and blas.SGEMM is None:
-        raise ValueError("route 'loop': needs NumPy's BLAS (OpenBLAS), which was not found")
+    if kind == "packed" and blas.MKL is None:
+        raise ValueError("route 'packed': needs MKL's packed product, which is not loaded")
+    if kind in ("loop", "shared") and blas.MKL is None and blas.SGEMM is None:
+        raise ValueError(f"route {kind!r}: needs NumPy's BLAS (OpenBLAS), which was not found")
     if kind == "shared":
         return Route("shared", shares=_even_shares(B, max(1, min(blas.cores(), B))))
     return Route(kind, B * H >= PARALLEL_MIN)
