@@ -13,6 +13,7 @@ optimiser that updates them in place updates the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -151,6 +152,25 @@ class CharModel:
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"load_state_dict: {k} contains non-finite values")
             self._own[k][...] = arr
+
+    def with_vocab_size(self, vocab_size: int, seed: int | None = None) -> CharModel:
+        """A copy for a vocabulary of ``vocab_size`` >= this one's, the new characters last:
+        their embedding rows, output rows (and one-hot input columns) initialised as a new
+        model's from ``seed``, every old row and every other weight unchanged."""
+        V = self.config.vocab_size
+        if vocab_size < V:
+            raise ValueError(f"vocab_size: expected at least the model's {V}, got {vocab_size}")
+        new = CharModel(dataclasses.replace(self.config, vocab_size=vocab_size), seed=seed)
+        state = new.state_dict()
+        for k, v in self.state_dict().items():
+            if k in ("embedding.weight", "head.weight", "head.bias"):
+                state[k][:V] = v
+            elif k == "gru.weight_ih_l0" and not self.config.embedding_dim:
+                state[k][:, :V] = v  # one-hot inputs: a column per character
+            else:
+                state[k] = v
+        new.load_state_dict(state)
+        return new
 
     def zero_grad(self) -> None:
         for g in self.grads.values():
