@@ -145,3 +145,14 @@ def test_gates_of_a_bidirectional_layer_put_the_forward_units_first():
     out, _ = gru.forward(x, grad=False)
     assert g["z"].shape == (1, 5, 2, 8)
     np.testing.assert_allclose(g["h"][0], out, rtol=1e-6, atol=1e-7)
+
+
+def test_char_model_gates_are_its_gru_gates_on_the_embedded_text():
+    from grumpy.lm.model import CharModel, ModelConfig
+
+    m = CharModel(ModelConfig(vocab_size=6, hidden_size=5, num_layers=2, embedding_dim=3), seed=0)
+    idx = np.array([[0, 1], [2, 3], [4, 5]])
+    g = m.gates(idx)
+    logits, h_n = m.forward(idx, grad=False)
+    assert g["h"].shape == (2, 3, 2, 5)
+    np.testing.assert_allclose(g["h"][:, -1], h_n, rtol=1e-6, atol=1e-7)

@@ -215,6 +215,12 @@ class CharModel:
 
     __call__ = forward
 
+    def gates(self, idx: np.ndarray, h0: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """:meth:`grumpy.GRU.gates` for character indices idx (T, B): each layer's r, z, n
+        and h at every step, (L, T, B, H)."""
+        idx = np.asarray(idx)
+        return self.gru.gates(self._embed(idx), h0)
+
     def backward(self, d_logits: np.ndarray, d_h_n: np.ndarray | None = None) -> np.ndarray:
         """d_logits (T, B, V) -> d_h0 (L, B, H); parameter gradients are added into ``grads``."""
         if self._cache is None or self.gru._cache is None:  # before any gradient is touched
