@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from grumpy.lm.checkpoint import atomic_write_bytes, load_model
-from grumpy.lm.data import Vocab, load_text
+from grumpy.cli.args import checkpoint, text_for
+from grumpy.lm.checkpoint import atomic_write_bytes
 from grumpy.lm.inspect import inspect_page
 
 
@@ -29,18 +29,8 @@ def register(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.max_chars < 2:
         raise ValueError(f"--max-chars: expected an integer >= 2, got {args.max_chars}")
-    try:
-        model, meta = load_model(args.checkpoint)
-    except ValueError as e:
-        raise ValueError(f"CHECKPOINT {e}") from None
-    try:
-        text = load_text(args.text_file)
-    except ValueError as e:
-        raise ValueError(f"TEXT_FILE {e}") from None
-    bad = Vocab(meta["vocab"]).missing(text)
-    if bad:
-        raise ValueError(f"TEXT_FILE {args.text_file}: {len(bad)} character(s) not in the model's vocabulary: "
-                         + " ".join(repr(c) for c in bad[:30]))
+    model, meta = checkpoint(args.checkpoint)
+    text = text_for(args.text_file, meta["vocab"])
     shown = text[: args.max_chars]
     page = inspect_page(model, meta["vocab"], shown, title=f"grumpy inspect: {args.checkpoint}")
     atomic_write_bytes(args.out, page.encode("utf-8"))
