@@ -299,6 +299,19 @@ def test_load_rejects_bad_files(tmp_path):
         grumpy.GRUClassifier.load(tmp_path / "missing")
     with pytest.raises(grumpy.estimators.NotFittedError):
         grumpy.GRUClassifier().save(tmp_path / "x")
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    with safe_open(str(tmp_path / "clf.safetensors"), "numpy") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tmp_path / "clf.safetensors"))
+    del tensors["head.bias"]
+    save_file(tensors, str(tmp_path / "cut.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="head.bias is missing"):
+        grumpy.GRUClassifier.load(tmp_path / "cut.safetensors")
+    save_file(load_file(str(tmp_path / "clf.safetensors")), str(tmp_path / "nometa.safetensors"))
+    with pytest.raises(ValueError, match="not a saved grumpy estimator"):
+        grumpy.GRUClassifier.load(tmp_path / "nometa.safetensors")
 
 
 # -- scikit-learn protocol ------------------------------------------------------------
