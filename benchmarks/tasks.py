@@ -140,16 +140,43 @@ def baseline(task: str) -> str:
     return f"repeat the last month: RMSE {evaluate(task, persistence, y_te):.1f}"
 
 
+def print_table(runs: list[dict], tasks: list[str], torch_threads: int | None) -> None:
+    print("| task | measure | model | per seed | mean | fit time per seed (s) | median fit (s) "
+          "| grumpy speed-up (medians) |")
+    print("|---|---|---|---|---:|---|---:|---:|")
+    for task in tasks:
+        measure = "test accuracy" if task == "digits" else "test RMSE (sunspots)"
+        fmt = "{:.4f}" if task == "digits" else "{:.2f}"
+        rows = {lib: [r for r in runs if r["task"] == task and r["lib"] == lib] for lib in ("grumpy", "keras")}
+        med = {lib: statistics.median(r["fit_s"] for r in rs) for lib, rs in rows.items()}
+        for lib, rs in rows.items():
+            scores = ", ".join(fmt.format(r["score"]) for r in rs)
+            mean = fmt.format(statistics.mean(r["score"] for r in rs))
+            times = ", ".join(f"{r['fit_s']:.1f}" for r in rs)
+            speed = f"{med['keras'] / med['grumpy']:.1f}x" if lib == "grumpy" else ""
+            threads = f", {torch_threads} thread" if torch_threads else ""
+            name = "grumpy" if lib == "grumpy" else f"Keras 3 (torch{threads})"
+            print(f"| {task} | {measure} | {name} | {scores} | {mean} | {times} | {med[lib]:.1f} | {speed} |")
+    for task in tasks:
+        print(f"\n{task} baseline, {baseline(task)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", nargs=3, metavar=("LIB", "TASK", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--json", help="also write every run's figures to this file")
+    ap.add_argument("--table", help="print the table of a file written by --json, without running")
     ap.add_argument("--torch-threads", type=int, help="torch.set_num_threads for Keras (default: torch's own)")
     args = ap.parse_args()
     if args.one:
         lib, task, seed = args.one
         print(json.dumps((run_grumpy if lib == "grumpy" else run_keras)(task, int(seed))))
+        return
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print_table(saved["runs"], sorted({r["task"] for r in saved["runs"]}, key=list(TASKS).index),
+                    saved.get("torch_threads"))
         return
     if args.torch_threads:
         os.environ["TASKS_TORCH_THREADS"] = str(args.torch_threads)
@@ -166,26 +193,9 @@ def main() -> None:
                 print(f"{task:9s} {lib:7s} seed {seed}: score {r['score']:.4f}, fit {r['fit_s']:.1f} s",
                       file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"tasks": TASKS, "runs": runs}, indent=1))
-
-    print("| task | measure | model | per seed | mean | fit time per seed (s) | median fit (s) "
-          "| grumpy speed-up (medians) |")
-    print("|---|---|---|---|---:|---|---:|---:|")
-    for task in args.tasks:
-        measure = "test accuracy" if task == "digits" else "test RMSE (sunspots)"
-        fmt = "{:.3f}" if task == "digits" else "{:.2f}"
-        rows = {lib: [r for r in runs if r["task"] == task and r["lib"] == lib] for lib in ("grumpy", "keras")}
-        med = {lib: statistics.median(r["fit_s"] for r in rs) for lib, rs in rows.items()}
-        for lib, rs in rows.items():
-            scores = ", ".join(fmt.format(r["score"]) for r in rs)
-            mean = fmt.format(statistics.mean(r["score"] for r in rs))
-            times = ", ".join(f"{r['fit_s']:.1f}" for r in rs)
-            speed = f"{med['keras'] / med['grumpy']:.1f}x" if lib == "grumpy" else ""
-            threads = f", {args.torch_threads} thread" if args.torch_threads else ""
-            name = "grumpy" if lib == "grumpy" else f"Keras 3 (torch{threads})"
-            print(f"| {task} | {measure} | {name} | {scores} | {mean} | {times} | {med[lib]:.1f} | {speed} |")
-    for task in args.tasks:
-        print(f"\n{task} baseline, {baseline(task)}")
+        saved = {"tasks": TASKS, "torch_threads": args.torch_threads, "runs": runs}
+        Path(args.json).write_text(json.dumps(saved, indent=1))
+    print_table(runs, args.tasks, args.torch_threads)
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ def test_verbose_shows_a_progress_bar(capsys):
 
 def test_save_load_round_trip_bit_exact(tmp_path):
     X, y = toy_classification(30)
-    clf = grumpy.GRUClassifier(**SMALL, bidirectional=True).fit(X, y)
+    clf = grumpy.GRUClassifier(**{**SMALL, "seed": np.int64(3)}, bidirectional=True).fit(X, y)
     clf.save(tmp_path / "clf.safetensors")
     back = grumpy.GRUClassifier.load(tmp_path / "clf.safetensors")
     assert back.get_params() == clf.get_params()

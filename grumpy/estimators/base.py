@@ -119,6 +119,13 @@ def _batch(seqs: Sequences, idx: np.ndarray, dtype: np.dtype) -> tuple[np.ndarra
     return x, None if np.all(lengths == T) else lengths
 
 
+def _numpy_scalar(obj: Any) -> Any:
+    """json.dumps hook: NumPy scalars (a seed from np.arange, say) as Python numbers."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     """Write so that a crash leaves the old file or the new one, never half of one:
     a temporary file in the same directory, fsync, then rename over ``path``."""
@@ -276,9 +283,9 @@ class GRUEstimator:
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
     # -- what a subclass provides ---------------------------------------------
-    def _fit_targets(self, y: Any, n: int) -> np.ndarray:
-        """Check y, learn what is needed to encode it (classes, scaling); return the
-        encoded targets (N,) or (N, K) that :meth:`_loss` takes."""
+    def _fit_targets(self, y: Any, n: int, train_idx: np.ndarray) -> np.ndarray:
+        """Check y, learn what is needed to encode it (classes; scaling, from the rows
+        ``train_idx``); return the encoded targets (N,) or (N, K) that :meth:`_loss` takes."""
         raise NotImplementedError
 
     def _n_outputs(self) -> int:
@@ -303,8 +310,6 @@ class GRUEstimator:
         self._check_params()
         seqs = check_sequences(X)
         N, _, F = seqs.data.shape
-        targets = self._fit_targets(y, N)
-        rng = np.random.default_rng(self.seed)
         n_val = int(round(N * self.validation_fraction)) if self.validation_fraction > 0 else 0
         if self.validation_fraction > 0 and not 1 <= n_val < N:
             raise ValueError(f"validation_fraction: {self.validation_fraction} of {N} sequences leaves "
@@ -312,6 +317,8 @@ class GRUEstimator:
         # The last n_val sequences validate, as Keras's validation_split: forecasting
         # windows made in time order then validate on the latest ones.
         train_idx, val_idx = np.arange(N - n_val), np.arange(N - n_val, N)
+        targets = self._fit_targets(y, N, train_idx)
+        rng = np.random.default_rng(self.seed)
 
         valid = np.arange(seqs.data.shape[1])[None, :] < seqs.lengths[train_idx, None]
         steps = seqs.data[train_idx][valid]  # (steps, F): every valid training step
@@ -339,8 +346,7 @@ class GRUEstimator:
         self.validation_loss_curve_: list[float] = []
         best_loss, best_params = math.inf, None
         self.best_epoch_ = 0
-        bar = tqdm(range(self.epochs), desc=type(self).__name__, unit="epoch", disable=not self.verbose,
-                   leave=False)
+        bar = tqdm(range(self.epochs), desc=type(self).__name__, unit="epoch", disable=not self.verbose)
         for epoch in bar:
             order = rng.permutation(train_idx)
             total = 0.0
@@ -425,7 +431,7 @@ class GRUEstimator:
             "n_epochs": self.n_epochs_, **self._extra_meta(),
         }
         try:
-            text = json.dumps(meta)
+            text = json.dumps(meta, default=_numpy_scalar)
         except TypeError as e:
             raise ValueError(f"save: a parameter or label cannot be stored as JSON ({e})") from None
         data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={META_KEY: text})

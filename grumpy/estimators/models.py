@@ -51,7 +51,7 @@ class GRUClassifier(GRUEstimator):
     __doc__ = (__doc__ or "") + _ARGS_DOC.format(y_scale="", extra_attrs=", classes_")
     _estimator_type = "classifier"
 
-    def _fit_targets(self, y: Any, n: int) -> np.ndarray:
+    def _fit_targets(self, y: Any, n: int, train_idx: np.ndarray) -> np.ndarray:
         labels = check_labels(y, n)
         try:
             self.classes_ = np.unique(labels)
@@ -106,13 +106,13 @@ class GRURegressor(GRUEstimator):
         y_scale="; the targets too, and predictions are scaled back", extra_attrs=", target_mean_, target_scale_")
     _estimator_type = "regressor"
 
-    def _fit_targets(self, y: Any, n: int) -> np.ndarray:
+    def _fit_targets(self, y: Any, n: int, train_idx: np.ndarray) -> np.ndarray:
         arr = check_targets(y, n)
         self.target_ndim_ = arr.ndim
         arr = arr.reshape(n, -1)
         if self.standardize:
-            self.target_mean_ = arr.mean(axis=0)
-            scale = arr.std(axis=0)
+            self.target_mean_ = arr[train_idx].mean(axis=0)
+            scale = arr[train_idx].std(axis=0)
             self.target_scale_ = np.where(scale > 0, scale, 1.0)
         else:
             self.target_mean_, self.target_scale_ = np.zeros(arr.shape[1]), np.ones(arr.shape[1])
