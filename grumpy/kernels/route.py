@@ -68,6 +68,25 @@ def compiled_kernels() -> ModuleType | None:
     return _NB if isinstance(_NB, ModuleType) else None
 
 
+_TBB: bool | None = None
+
+
+def parallel_gates_ok() -> bool:
+    """Whether the gate kernels may use numba's own threads: only where numba runs them
+    on TBB. Without TBB numba takes GNU OpenMP, whose threads spin between parallel
+    regions; beside the BLAS's threads, on two cores, a step then ran about 50x
+    slower (docs/benchmarks.md). Elsewhere the gate kernels run on the calling thread."""
+    global _TBB
+    if _TBB is None:
+        try:
+            import numba.np.ufunc.tbbpool  # noqa: F401  (loads libtbb, or fails)
+
+            _TBB = True
+        except ImportError:
+            _TBB = False
+    return _TBB
+
+
 def use_compiled(dtype: np.dtype, reset_after: bool) -> bool:
     """Whether the compiled kernels can run this dtype and gate form (float32, reset_after)."""
     return np.dtype(dtype) == np.float32 and reset_after and compiled_kernels() is not None
@@ -99,7 +118,7 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
         return _named(kind, dtype, reset_after, B, H, grad)
     if not use_compiled(dtype, reset_after):
         return Route("numpy")
-    parallel = B * H >= PARALLEL_MIN
+    parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
     n_shares = min(blas.cores(), B // SHARE_MIN_ROWS)
     if not grad and (blas.MKL is not None or blas.SGEMM is not None) and n_shares >= 2:
         return Route("shared", shares=_even_shares(B, n_shares))
@@ -129,4 +148,4 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
         raise ValueError(f"route {kind!r}: needs NumPy's BLAS (OpenBLAS), which was not found")
     if kind == "shared":
         return Route("shared", shares=_even_shares(B, max(1, min(blas.cores(), B))))
-    return Route(kind, B * H >= PARALLEL_MIN)
+    return Route(kind, B * H >= PARALLEL_MIN and parallel_gates_ok())
