@@ -1,0 +1,223 @@
+"""Compiled kernels for the int8 and bfloat16 inference copies (:mod:`grumpy.quantize`).
+
+The arithmetic is defined in :mod:`grumpy.quantize`; these kernels compute it, and
+the NumPy fallback there computes the same thing. In short:
+
+* int8: weights q (R, K) int8 with a float32 scale per row; activations quantized
+  per row (per stream and step) to integers in [-127, 127] with their own scale;
+  the product of a row pair is the exact integer sum_k q[r, k] a[k], then scaled.
+  The integers are carried in float32: every partial sum of K <= 1024 products
+  of two 8-bit integers stays below 2^24, where float32 is exact, so any order of
+  summation (vector lanes, BLAS blocking) gives the same bits. Longer rows are
+  summed in blocks of 1024 and the blocks added in float64, exact too.
+* bfloat16: weights and activations rounded to bfloat16; the products are exact
+  in float32 and summed in float32 (order-dependent, so equal to rounding only).
+
+Quantizing activations is kept out of fastmath: it divides, and 'arcp' could turn
+127 / m into a reciprocal and a multiplication, rounding differently from NumPy.
+
+Imported lazily by :mod:`grumpy.quantize`; numba caches by function name, so each
+compiled variant (serial, parallel) has a name of its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from grumpy._nbkernels import _FM, _named, sigm32, tanh32
+
+_Q = np.float32(127.0)
+_ZERO = np.float32(0.0)
+BLOCK = 1024  # int8 rows are summed in float32 blocks of this many products (exact below 2^24)
+
+
+@intrinsic
+def _bits_to_f32(typingctx, v):  # type: ignore[no-untyped-def]
+    """The float32 whose bit pattern is the uint32 v (numba has no scalar bit cast)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always", cache=True)
+def bf16_value(bits):  # type: ignore[no-untyped-def]
+    """A bfloat16 bit pattern (uint16) -> its value as float32 (exact)."""
+    return _bits_to_f32(np.uint32(bits) << np.uint32(16))
+
+
+@njit(cache=True)
+def quantize_rows_int8(a, aq, sa):  # type: ignore[no-untyped-def]
+    """a (N, K) float32 -> aq (N, K) float32 holding integers in [-127, 127], sa (N,) the
+    scales: a[n] ≈ sa[n] * aq[n]. Symmetric, per row: m = max |a[n]|, aq = rint(a * (127/m)),
+    sa = m / 127. A zero row gets scale 0 and zeros. No fastmath (see the module docstring)."""
+    N, K = a.shape
+    for n in range(N):
+        row, out = a[n], aq[n]
+        m = _ZERO
+        for k in range(K):
+            v = abs(row[k])
+            m = v if v > m else m
+        inv = _Q / m if m > _ZERO else _ZERO
+        sa[n] = m / _Q
+        for k in range(K):
+            out[k] = np.rint(row[k] * inv)
+
+
+@njit(cache=True)
+def round_rows_bf16(a, out):  # type: ignore[no-untyped-def]
+    """out (N, K) = a (N, K) float32 rounded to bfloat16 (to nearest, ties to even), as float32."""
+    ab = a.reshape(-1).view(np.uint32)
+    ob = out.reshape(-1).view(np.uint32)
+    for i in range(ab.shape[0]):
+        b = ab[i]
+        ob[i] = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) << np.uint32(16)
+
+
+def _products_int8(a, q, out):  # type: ignore[no-untyped-def]
+    """out (N, R) = a (N, K) @ q (R, K)^T exactly: a holds integers in [-127, 127] as
+    float32, q int8. Rows of q outer (each row converted once and kept in cache while
+    it meets every row of a); one stream is the matrix-vector product of generation."""
+    N, K = a.shape
+    R = q.shape[0]
+    for r in prange(R):
+        qr = q[r]
+        for n in range(N):
+            an = a[n]
+            total = 0.0
+            for k0 in range(0, K, BLOCK):
+                acc = _ZERO
+                for k in range(k0, min(K, k0 + BLOCK)):
+                    acc += np.float32(qr[k]) * an[k]
+                total += acc
+            out[n, r] = np.float32(total)
+
+
+def _products_bf16(a, w, out):  # type: ignore[no-untyped-def]
+    """out (N, R) = a (N, K) @ w (R, K)^T, w bfloat16 bit patterns (uint16), summed in float32."""
+    N, K = a.shape
+    R = w.shape[0]
+    for r in prange(R):
+        wr = w[r]
+        for n in range(N):
+            an = a[n]
+            acc = _ZERO
+            for k in range(K):
+                acc += bf16_value(wr[k]) * an[k]
+            out[n, r] = acc
+
+
+products_int8_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_products_int8, "_serial"))
+products_int8_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
+    _named(_products_int8, "_parallel"))
+products_bf16_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_products_bf16, "_serial"))
+products_bf16_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
+    _named(_products_bf16, "_parallel"))
+
+
+@njit(cache=True)
+def scale_products(raw, sa, sw, out):  # type: ignore[no-untyped-def]
+    """out (N, R) = raw (N, R) * (sa[n] * sw[r]): one rounding for the scale product and one
+    for the result, the same two NumPy makes (no fastmath, so none are fused or reordered)."""
+    N, R = raw.shape
+    for n in range(N):
+        s = sa[n]
+        for r in range(R):
+            out[n, r] = raw[n, r] * (s * sw[r])
+
+
+def _gates(gi, gh, bih, bhh, hp, ho, m):  # type: ignore[no-untyped-def]
+    """The gate math of one step (reset_after form), as grumpy._nbkernels' inference
+    kernel: gi, gh (B, 3H) the input and recurrent products without biases, hp (B, H)
+    the state in -> ho (B, H) the state out; m (B,) the mask (1 valid, 0 padding) or (0,)."""
+    B, H = hp.shape
+    masked = m.shape[0] > 0
+    for b in prange(B):
+        mb = m[b] if masked else np.float32(1.0)
+        g, e, hpb, hob = gi[b], gh[b], hp[b], ho[b]
+        for j in range(H):
+            r = sigm32(g[j] + bih[j] + e[j] + bhh[j])
+            z = sigm32(g[H + j] + bih[H + j] + e[H + j] + bhh[H + j])
+            n = tanh32(g[2 * H + j] + bih[2 * H + j] + r * (e[2 * H + j] + bhh[2 * H + j]))
+            h = hpb[j]
+            hob[j] = h + mb * ((n + z * (h - n)) - h)
+
+
+gates_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates, "_serial"))
+gates_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(_named(_gates, "_parallel"))
+
+
+def _step_int8(x, h, qih, sih, qhh, shh, bih, bhh, out, xq, hq, g):  # type: ignore[no-untyped-def]
+    """One step of one stream, int8, reset_after: x (I,), h (H,) -> out (H,). Scratch:
+    xq (1, I), hq (1, H), g (2, 3H). The two matrix-vector products, parallel over rows,
+    then the scales and the gate math in one pass; the same arithmetic as the batch path."""
+    H = h.shape[0]
+    sx = np.empty(1, np.float32)
+    sh = np.empty(1, np.float32)
+    quantize_rows_int8(x.reshape(1, -1), xq, sx)
+    quantize_rows_int8(h.reshape(1, -1), hq, sh)
+    I = x.shape[0]
+    gi, gh = g[0], g[1]
+    xr, hr = xq[0], hq[0]
+    for r in prange(3 * H):
+        qi, qh = qih[r], qhh[r]
+        ti = 0.0
+        for k0 in range(0, I, BLOCK):
+            acc = _ZERO
+            for k in range(k0, min(I, k0 + BLOCK)):
+                acc += np.float32(qi[k]) * xr[k]
+            ti += acc
+        th = 0.0
+        for k0 in range(0, H, BLOCK):
+            acc = _ZERO
+            for k in range(k0, min(H, k0 + BLOCK)):
+                acc += np.float32(qh[k]) * hr[k]
+            th += acc
+        gi[r] = np.float32(ti)
+        gh[r] = np.float32(th)
+    scale_products(g[0:1], sx, sih, g[0:1])
+    scale_products(g[1:2], sh, shh, g[1:2])
+    gates_serial(g[0:1], g[1:2], bih, bhh, h.reshape(1, -1), out.reshape(1, -1), np.empty(0, np.float32))
+
+
+def _step_bf16(x, h, wih, whh, bih, bhh, out, xq, hq, g):  # type: ignore[no-untyped-def]
+    """:func:`_step_int8` for bfloat16 weights (uint16 bit patterns)."""
+    H = h.shape[0]
+    round_rows_bf16(x.reshape(1, -1), xq)
+    round_rows_bf16(h.reshape(1, -1), hq)
+    I = x.shape[0]
+    gi, gh = g[0], g[1]
+    xr, hr = xq[0], hq[0]
+    for r in prange(3 * H):
+        wi, wh = wih[r], whh[r]
+        ai = _ZERO
+        for k in range(I):
+            ai += bf16_value(wi[k]) * xr[k]
+        ah = _ZERO
+        for k in range(H):
+            ah += bf16_value(wh[k]) * hr[k]
+        gi[r] = ai
+        gh[r] = ah
+    gates_serial(g[0:1], g[1:2], bih, bhh, h.reshape(1, -1), out.reshape(1, -1), np.empty(0, np.float32))
+
+
+step_int8_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_step_int8, "_serial"))
+step_int8_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
+    _named(_step_int8, "_parallel"))
+step_bf16_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_step_bf16, "_serial"))
+step_bf16_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
+    _named(_step_bf16, "_parallel"))
+
+
+@njit(cache=True)
+def to_bf16_bits(a, out):  # type: ignore[no-untyped-def]
+    """out (N, K) uint16 = the upper halves of a (N, K) float32 that already holds bfloat16
+    values (rounded, or small integers): the operand MKL's bfloat16 product reads."""
+    ab = a.reshape(-1).view(np.uint32)
+    ob = out.reshape(-1)
+    for i in range(ab.shape[0]):
+        ob[i] = np.uint16(ab[i] >> np.uint32(16))
