@@ -35,23 +35,23 @@ BLOCK = 1024  # int8 rows are summed in float32 blocks of this many products (ex
 
 
 @intrinsic
-def _bits_to_f32(typingctx, v):  # type: ignore[no-untyped-def]
+def _bits_to_f32(typingctx, v):
     """The float32 whose bit pattern is the uint32 v (numba has no scalar bit cast)."""
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.uint32), codegen
 
 
 @njit(inline="always", cache=True)
-def bf16_value(bits):  # type: ignore[no-untyped-def]
+def bf16_value(bits):
     """A bfloat16 bit pattern (uint16) -> its value as float32 (exact)."""
-    return _bits_to_f32(np.uint32(bits) << np.uint32(16))
+    return _bits_to_f32(np.uint32(bits) << np.uint32(16))  # type: ignore[call-arg]
 
 
 @njit(cache=True)
-def quantize_rows_int8(a, aq, sa):  # type: ignore[no-untyped-def]
+def quantize_rows_int8(a, aq, sa):
     """a (N, K) float32 -> aq (N, K) float32 holding integers in [-127, 127], sa (N,) the
     scales: a[n] ≈ sa[n] * aq[n]. Symmetric, per row: m = max |a[n]|, aq = rint(a * (127/m)),
     sa = m / 127. A zero row gets scale 0 and zeros. No fastmath (see the module docstring)."""
@@ -69,7 +69,7 @@ def quantize_rows_int8(a, aq, sa):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def round_rows_bf16(a, out):  # type: ignore[no-untyped-def]
+def round_rows_bf16(a, out):
     """out (N, K) = a (N, K) float32 rounded to bfloat16 (to nearest, ties to even), as float32."""
     ab = a.reshape(-1).view(np.uint32)
     ob = out.reshape(-1).view(np.uint32)
@@ -78,7 +78,7 @@ def round_rows_bf16(a, out):  # type: ignore[no-untyped-def]
         ob[i] = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) << np.uint32(16)
 
 
-def _products_int8(a, q, out):  # type: ignore[no-untyped-def]
+def _products_int8(a, q, out):
     """out (N, R) = a (N, K) @ q (R, K)^T exactly: a holds integers in [-127, 127] as
     float32, q int8. Rows of q outer (each row converted once and kept in cache while
     it meets every row of a); one stream is the matrix-vector product of generation."""
@@ -97,7 +97,7 @@ def _products_int8(a, q, out):  # type: ignore[no-untyped-def]
             out[n, r] = np.float32(total)
 
 
-def _products_bf16(a, w, out):  # type: ignore[no-untyped-def]
+def _products_bf16(a, w, out):
     """out (N, R) = a (N, K) @ w (R, K)^T, w bfloat16 bit patterns (uint16), summed in float32."""
     N, K = a.shape
     R = w.shape[0]
@@ -120,7 +120,7 @@ products_bf16_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, par
 
 
 @njit(cache=True)
-def scale_products(raw, sa, sw, out):  # type: ignore[no-untyped-def]
+def scale_products(raw, sa, sw, out):
     """out (N, R) = raw (N, R) * (sa[n] * sw[r]): one rounding for the scale product and one
     for the result, the same two NumPy makes (no fastmath, so none are fused or reordered)."""
     N, R = raw.shape
@@ -130,7 +130,7 @@ def scale_products(raw, sa, sw, out):  # type: ignore[no-untyped-def]
             out[n, r] = raw[n, r] * (s * sw[r])
 
 
-def _gates(gi, gh, bih, bhh, hp, ho, m):  # type: ignore[no-untyped-def]
+def _gates(gi, gh, bih, bhh, hp, ho, m):
     """The gate math of one step (reset_after form), as grumpy._nbkernels' inference
     kernel: gi, gh (B, 3H) the input and recurrent products without biases, hp (B, H)
     the state in -> ho (B, H) the state out; m (B,) the mask (1 valid, 0 padding) or (0,)."""
@@ -151,7 +151,7 @@ gates_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates
 gates_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(_named(_gates, "_parallel"))
 
 
-def _step_int8(x, h, qih, sih, qhh, shh, bih, bhh, out, xq, hq, g):  # type: ignore[no-untyped-def]
+def _step_int8(x, h, qih, sih, qhh, shh, bih, bhh, out, xq, hq, g):
     """One step of one stream, int8, reset_after: x (I,), h (H,) -> out (H,). Scratch:
     xq (1, I), hq (1, H), g (2, 3H). The two matrix-vector products, parallel over rows,
     then the scales and the gate math in one pass; the same arithmetic as the batch path."""
@@ -184,7 +184,7 @@ def _step_int8(x, h, qih, sih, qhh, shh, bih, bhh, out, xq, hq, g):  # type: ign
     gates_serial(g[0:1], g[1:2], bih, bhh, h.reshape(1, -1), out.reshape(1, -1), np.empty(0, np.float32))
 
 
-def _step_bf16(x, h, wih, whh, bih, bhh, out, xq, hq, g):  # type: ignore[no-untyped-def]
+def _step_bf16(x, h, wih, whh, bih, bhh, out, xq, hq, g):
     """:func:`_step_int8` for bfloat16 weights (uint16 bit patterns)."""
     H = h.shape[0]
     round_rows_bf16(x.reshape(1, -1), xq)
@@ -214,7 +214,7 @@ step_bf16_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, paralle
 
 
 @njit(cache=True)
-def to_bf16_bits(a, out):  # type: ignore[no-untyped-def]
+def to_bf16_bits(a, out):
     """out (N, K) uint16 = the upper halves of a (N, K) float32 that already holds bfloat16
     values (rounded, or small integers): the operand MKL's bfloat16 product reads."""
     ab = a.reshape(-1).view(np.uint32)

@@ -16,7 +16,8 @@ The int8 and bfloat16 copies from :func:`grumpy.quantize` have the same three me
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
