@@ -78,6 +78,22 @@ def round_rows_bf16(a, out):
         ob[i] = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) << np.uint32(16)
 
 
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def _dot_int8(q, a):
+    """sum_k q[k] a[k] for q int8, a float32 holding integers in [-127, 127]: exact, in
+    float32 blocks of BLOCK terms added in float64. Each block is a slice of its own:
+    with the bounds computed inside one loop (range(k0, min(K, k0 + BLOCK))) the loop
+    did not vectorise and measured 15x slower (304 against 20 us for 768 x 256)."""
+    total = 0.0
+    for k0 in range(0, q.shape[0], BLOCK):
+        qb, ab = q[k0 : k0 + BLOCK], a[k0 : k0 + BLOCK]
+        acc = _ZERO
+        for k in range(qb.shape[0]):
+            acc += np.float32(qb[k]) * ab[k]
+        total += acc
+    return np.float32(total)
+
+
 def _products_int8(a, q, out):
     """out (N, R) = a (N, K) @ q (R, K)^T exactly: a holds integers in [-127, 127] as
     float32, q int8. Rows of q outer (each row converted once and kept in cache while
@@ -88,13 +104,7 @@ def _products_int8(a, q, out):
         qr = q[r]
         for n in range(N):
             an = a[n]
-            total = 0.0
-            for k0 in range(0, K, BLOCK):
-                acc = _ZERO
-                for k in range(k0, min(K, k0 + BLOCK)):
-                    acc += np.float32(qr[k]) * an[k]
-                total += acc
-            out[n, r] = np.float32(total)
+            out[n, r] = _dot_int8(qr, an)
 
 
 def _products_bf16(a, w, out):
@@ -164,21 +174,8 @@ def _step_int8(x, h, qih, sih, qhh, shh, bih, bhh, out, xq, hq, g):
     gi, gh = g[0], g[1]
     xr, hr = xq[0], hq[0]
     for r in prange(3 * H):
-        qi, qh = qih[r], qhh[r]
-        ti = 0.0
-        for k0 in range(0, I, BLOCK):
-            acc = _ZERO
-            for k in range(k0, min(I, k0 + BLOCK)):
-                acc += np.float32(qi[k]) * xr[k]
-            ti += acc
-        th = 0.0
-        for k0 in range(0, H, BLOCK):
-            acc = _ZERO
-            for k in range(k0, min(H, k0 + BLOCK)):
-                acc += np.float32(qh[k]) * hr[k]
-            th += acc
-        gi[r] = np.float32(ti)
-        gh[r] = np.float32(th)
+        gi[r] = _dot_int8(qih[r], xr)
+        gh[r] = _dot_int8(qhh[r], hr)
     scale_products(g[0:1], sx, sih, g[0:1])
     scale_products(g[1:2], sh, shh, g[1:2])
     gates_serial(g[0:1], g[1:2], bih, bhh, h.reshape(1, -1), out.reshape(1, -1), np.empty(0, np.float32))
