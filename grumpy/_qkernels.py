@@ -54,14 +54,20 @@ def bf16_value(bits):
 def quantize_rows_int8(a, aq, sa):
     """a (N, K) float32 -> aq (N, K) float32 holding integers in [-127, 127], sa (N,) the
     scales: a[n] ≈ sa[n] * aq[n]. Symmetric, per row: m = max |a[n]|, aq = rint(a * (127/m)),
-    sa = m / 127. A zero row gets scale 0 and zeros. No fastmath (see the module docstring)."""
+    sa = m / 127. A zero row gets scale 0 and zeros; a NaN makes the row NaN.
+
+    No fastmath (see the module docstring). The maximum is taken over the bit patterns of
+    |a| as integers, which order as the values do (a NaN's above infinity's): an integer
+    maximum vectorises without fastmath, a float one does not (6x slower here)."""
     N, K = a.shape
+    bits = a.view(np.uint32)
     for n in range(N):
-        row, out = a[n], aq[n]
-        m = _ZERO
+        row, out, rb = a[n], aq[n], bits[n]
+        mb = np.uint32(0)
         for k in range(K):
-            v = abs(row[k])
-            m = v if v > m else m
+            v = rb[k] & np.uint32(0x7FFFFFFF)
+            mb = v if v > mb else mb
+        m = _bits_to_f32(mb)
         inv = _Q / m if m > _ZERO else _ZERO
         sa[n] = m / _Q
         for k in range(K):
@@ -131,28 +137,39 @@ products_bf16_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, par
 
 @njit(cache=True)
 def scale_products(raw, sa, sw, out):
-    """out (N, R) = raw (N, R) * (sa[n] * sw[r]): one rounding for the scale product and one
-    for the result, the same two NumPy makes (no fastmath, so none are fused or reordered)."""
+    """out (N, R) = raw (N, R) * (sa[n] * sw[r]), rounding as NumPy does: the scale product
+    first, then the result. The scale products go through memory: computed inline, the two
+    multiplications came out reordered ((raw * sa) * sw) in some compilations."""
     N, R = raw.shape
+    c = np.empty(R, np.float32)
     for n in range(N):
         s = sa[n]
         for r in range(R):
-            out[n, r] = raw[n, r] * (s * sw[r])
+            c[r] = s * sw[r]
+        for r in range(R):
+            out[n, r] = raw[n, r] * c[r]
 
 
-def _gates(gi, gh, bih, bhh, hp, ho, m):
+def _gates(gi, gh, sa, sw, bih, bhh, hp, ho, m):
     """The gate math of one step (reset_after form), as grumpy._nbkernels' inference
-    kernel: gi, gh (B, 3H) the input and recurrent products without biases, hp (B, H)
-    the state in -> ho (B, H) the state out; m (B,) the mask (1 valid, 0 padding) or (0,)."""
+    kernel: gi (B, 3H) the input products (scaled, without bias), gh (B, 3H) the raw
+    recurrent products, scaled here by sa[b] * sw[j] (ones for bfloat16), hp (B, H) the
+    state in -> ho (B, H) the state out; m (B,) the mask (1 valid, 0 padding) or (0,).
+    Folding the scales in saves a pass over gh: every compiled path (one stream, batch,
+    MKL or not) calls this kernel, so their results stay identical."""
     B, H = hp.shape
     masked = m.shape[0] > 0
     for b in prange(B):
         mb = m[b] if masked else np.float32(1.0)
+        s = sa[b]
         g, e, hpb, hob = gi[b], gh[b], hp[b], ho[b]
         for j in range(H):
-            r = sigm32(g[j] + bih[j] + e[j] + bhh[j])
-            z = sigm32(g[H + j] + bih[H + j] + e[H + j] + bhh[H + j])
-            n = tanh32(g[2 * H + j] + bih[2 * H + j] + r * (e[2 * H + j] + bhh[2 * H + j]))
+            er = e[j] * (s * sw[j])
+            ez = e[H + j] * (s * sw[H + j])
+            en = e[2 * H + j] * (s * sw[2 * H + j])
+            r = sigm32(g[j] + bih[j] + er + bhh[j])
+            z = sigm32(g[H + j] + bih[H + j] + ez + bhh[H + j])
+            n = tanh32(g[2 * H + j] + bih[2 * H + j] + r * (en + bhh[2 * H + j]))
             h = hpb[j]
             hob[j] = h + mb * ((n + z * (h - n)) - h)
 
@@ -170,15 +187,13 @@ def _step_int8(x, h, qih, sih, qhh, shh, bih, bhh, out, xq, hq, g):
     sh = np.empty(1, np.float32)
     quantize_rows_int8(x.reshape(1, -1), xq, sx)
     quantize_rows_int8(h.reshape(1, -1), hq, sh)
-    I = x.shape[0]
     gi, gh = g[0], g[1]
     xr, hr = xq[0], hq[0]
     for r in prange(3 * H):
         gi[r] = _dot_int8(qih[r], xr)
         gh[r] = _dot_int8(qhh[r], hr)
     scale_products(g[0:1], sx, sih, g[0:1])
-    scale_products(g[1:2], sh, shh, g[1:2])
-    gates_serial(g[0:1], g[1:2], bih, bhh, h.reshape(1, -1), out.reshape(1, -1), np.empty(0, np.float32))
+    gates_serial(g[0:1], g[1:2], sh, shh, bih, bhh, h.reshape(1, -1), out.reshape(1, -1), np.empty(0, np.float32))
 
 
 def _step_bf16(x, h, wih, whh, bih, bhh, out, xq, hq, g):
@@ -199,7 +214,9 @@ def _step_bf16(x, h, wih, whh, bih, bhh, out, xq, hq, g):
             ah += bf16_value(wh[k]) * hr[k]
         gi[r] = ai
         gh[r] = ah
-    gates_serial(g[0:1], g[1:2], bih, bhh, h.reshape(1, -1), out.reshape(1, -1), np.empty(0, np.float32))
+    ones = np.ones(3 * H, np.float32)
+    gates_serial(g[0:1], g[1:2], ones[:1], ones, bih, bhh, h.reshape(1, -1), out.reshape(1, -1),
+                 np.empty(0, np.float32))
 
 
 step_int8_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_step_int8, "_serial"))

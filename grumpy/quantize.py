@@ -93,23 +93,35 @@ def _numba() -> Any:
     return _qkernels
 
 
-_MKL_GEMM: Any = None  # cblas_gemm_bf16bf16f32 once looked up; False when unavailable
+class _Mkl:
+    """MKL's bfloat16 matrix products (cblas_gemm_bf16bf16f32 and its packed form) via ctypes."""
+
+    def __init__(self, lib: Any) -> None:
+        i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        self.gemm = lib.cblas_gemm_bf16bf16f32
+        self.gemm.restype, self.gemm.argtypes = None, [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+        self.size = lib.cblas_gemm_bf16bf16f32_pack_get_size
+        self.size.restype, self.size.argtypes = ctypes.c_size_t, [i, i, i, i]
+        self.pack = lib.cblas_gemm_bf16bf16f32_pack
+        self.pack.restype, self.pack.argtypes = None, [i, i, i, i, i, i, p, i, p]
+        self.compute = lib.cblas_gemm_bf16bf16f32_compute
+        self.compute.restype, self.compute.argtypes = None, [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
 
 
-def _mkl_gemm() -> Any:
-    """MKL's cblas_gemm_bf16bf16f32 through ctypes, or None."""
-    global _MKL_GEMM
-    if _MKL_GEMM is None:
-        _MKL_GEMM = False
+_MKL: Any = None  # an _Mkl once looked up; False when MKL or its bfloat16 products are missing
+_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
+
+
+def _mkl() -> _Mkl | None:
+    global _MKL
+    if _MKL is None:
         from grumpy import _blas
 
-        fn = getattr(_blas.MKL, "cblas_gemm_bf16bf16f32", None) if _blas.MKL is not None else None
-        if fn is not None:
-            i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-            fn.restype = None
-            fn.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
-            _MKL_GEMM = fn
-    return _MKL_GEMM if _BACKEND == "auto" and _MKL_GEMM else None
+        try:
+            _MKL = _Mkl(_blas.MKL) if _blas.MKL is not None else False
+        except AttributeError:  # an MKL without bfloat16 products
+            _MKL = False
+    return _MKL if _BACKEND == "auto" and _MKL else None
 
 
 class QMatrix:
@@ -128,6 +140,7 @@ class QMatrix:
             self.data, self.scale = bf16_bits(w), np.ones(w.shape[0], _F32)
         self._dense: np.ndarray | None = None  # float32 values of data (NumPy fallback)
         self._bits: np.ndarray | None = None  # bfloat16 bits of data (MKL)
+        self._pack: tuple[int, np.ndarray] | None = None  # (rows, MKL's packed weights)
 
     @property
     def nbytes(self) -> int:
@@ -139,6 +152,7 @@ class QMatrix:
         out.precision, out.shape = self.precision, (r1 - r0, self.shape[1])
         out.data, out.scale = self.data[r0:r1], self.scale[r0:r1]
         out._dense = out._bits = None
+        out._pack = None
         return out
 
     def dense(self) -> np.ndarray:
@@ -167,14 +181,16 @@ class QMatrix:
             sa = m / np.float32(127.0)
         return aq, sa
 
-    def products(self, aq: np.ndarray) -> np.ndarray:
-        """aq (N, K) quantized activations -> (N, R) raw products (before the scales)."""
+    def products(self, aq: np.ndarray, pack: bool = False) -> np.ndarray:
+        """aq (N, K) quantized activations -> (N, R) raw products (before the scales).
+        ``pack``: keep the weights packed by MKL for products with N rows (the recurrent
+        product, the same N at every step): 1.3-2x faster at H=1024, B=32-128."""
         N, K = aq.shape
         R = self.shape[0]
         out = np.empty((N, R), _F32)
-        gemm = _mkl_gemm() if N > 1 else None
+        mkl = _mkl() if N > 1 else None
         nb = _numba()
-        if gemm is not None:
+        if mkl is not None:
             from grumpy import _blas
 
             a16 = np.empty((N, K), np.uint16)
@@ -182,12 +198,15 @@ class QMatrix:
                 nb.to_bf16_bits(aq, a16)
             else:
                 a16[...] = aq.view(np.uint32) >> np.uint32(16)
-            if self._bits is None:
-                self._bits = self.data if self.precision == "bfloat16" else bf16_bits(self.dense())
-            w16 = np.ascontiguousarray(self._bits)
+            w16 = self._mkl_bits()
             with _blas._threads(N * R * K):
-                self._blocks(lambda k0, k1, c: gemm(101, 111, 112, N, R, k1 - k0, 1.0, a16[:, k0:].ctypes.data, K,
-                                                    w16[:, k0:].ctypes.data, K, 0.0, c.ctypes.data, R), K, out)
+                if pack and (self.precision == "bfloat16" or K <= _BLOCK):
+                    mkl.compute(_ROW_MAJOR, _NO_TRANS, _PACKED, N, R, K, 1.0, a16.ctypes.data, K,
+                                self._packed(mkl, N), K, 0.0, out.ctypes.data, R)
+                else:
+                    self._blocks(lambda k0, k1, c: mkl.gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, N, R, k1 - k0, 1.0,
+                                                            a16[:, k0:].ctypes.data, K, w16[:, k0:].ctypes.data, K,
+                                                            0.0, c.ctypes.data, R), K, out)
         elif nb is not None:
             big = N * R * K >= _PARALLEL_MIN
             if self.precision == "int8":
@@ -198,6 +217,23 @@ class QMatrix:
             w = self.dense()
             self._blocks(lambda k0, k1, c: np.matmul(aq[:, k0:k1], w[:, k0:k1].T, out=c), K, out)
         return out
+
+    def _mkl_bits(self) -> np.ndarray:
+        """The weights as bfloat16 bit patterns (R, K) for MKL: int8 values are exact in bfloat16."""
+        if self._bits is None:
+            self._bits = np.ascontiguousarray(self.data if self.precision == "bfloat16" else bf16_bits(self.dense()))
+        return self._bits
+
+    def _packed(self, mkl: _Mkl, N: int) -> int:
+        """The address of the weights packed by MKL for N-row products (one packing kept)."""
+        if self._pack is None or self._pack[0] != N:
+            R, K = self.shape
+            size = mkl.size(_B_MATRIX, N, R, K)
+            raw = np.empty(size + 64, np.uint8)
+            buf = raw[-raw.ctypes.data % 64 :][:size]  # 64-byte aligned, as MKL's allocator gives
+            mkl.pack(_ROW_MAJOR, _B_MATRIX, _TRANS, N, R, K, self._mkl_bits().ctypes.data, K, buf.ctypes.data)
+            self._pack = (N, buf)
+        return int(self._pack[1].ctypes.data)
 
     def _blocks(self, product: Any, K: int, out: np.ndarray) -> None:
         """out = the sum over K in blocks: one block for bfloat16 and for int8 with K <= 1024;
@@ -271,11 +307,15 @@ class _Cell:
         if not self.reset_after:
             self._step_reset_before(gi, hp, ho, m)
             return
-        gh = self.w_hh(hp)
+        aq, sa = self.w_hh.quantize_activations(hp)
+        gh = self.w_hh.products(aq, pack=True)
+        if sa is None:
+            sa = np.ones(B, _F32)
         if nb is not None:
             gates = nb.gates_parallel if B * H >= 1 << 16 else nb.gates_serial
-            gates(gi, gh, self.b_ih, self.b_hh, hp, ho, np.empty(0, _F32) if m is None else m)
+            gates(gi, gh, sa, self.w_hh.scale, self.b_ih, self.b_hh, hp, ho, np.empty(0, _F32) if m is None else m)
         else:
+            gh *= sa[:, None] * self.w_hh.scale[None, :]
             _gates_numpy(gi, gh, self.b_ih, self.b_hh, hp, ho, m)
 
     def _fused_step(self, nb: Any, x: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:

@@ -111,16 +111,14 @@ class GRUStream(StreamState):
         if self._compiled and x.shape[0] == 1:
             # one stream: grumpy's generation step (compiled matrix-vector products)
             return gru_step(x[0], h[0], w_ih, w_hh, b_ih, b_hh)[None]
-        if self._compiled:
-            from grumpy import _qkernels
+        if self._compiled:  # the gate kernel of GRU.forward's inference path
             from grumpy._blas import matmul
+            from grumpy.kernels import _biases, _numba
 
-            H = self.hidden_size
             gi, gh = matmul(x, w_ih.T), matmul(h, w_hh.T)
-            zeros = np.zeros(3 * H, self.dtype)
             out = np.empty_like(h)
-            _qkernels.gates_serial(gi, gh, zeros if b_ih is None else b_ih, zeros if b_hh is None else b_hh, h, out,
-                                   np.empty(0, self.dtype))
+            _numba().gates_infer_serial(gi, gh, *_biases(b_ih, b_hh, self.hidden_size, self.dtype), h, out,
+                                        np.empty(0, self.dtype))
             return out
         h_new, _ = gru_cell_forward(x, h, w_ih, w_hh, b_ih, b_hh, reset_after=self.reset_after)
         return h_new.astype(self.dtype, copy=False)

@@ -183,8 +183,8 @@ def test_products_agree_across_paths(backend, precision, N, K):
 @pytest.mark.parametrize("B", [1, 5])
 def test_forced_fallback_gives_the_same_results(backend, precision, B):
     """The compiled paths (MKL's product, numba's) give identical outputs for int8; the
-    pure-NumPy fallback computes the same quantized products and differs only by its
-    tanh (NumPy's against the compiled rational one): to float32 rounding."""
+    pure-NumPy fallback computes the same quantized products (test above) and differs
+    only by its tanh (NumPy's against the compiled rational one)."""
     g = make(2, H=40, I=12)
     q = grumpy.quantize(g, precision)
     x = np.random.default_rng(5).standard_normal((20, B, 12)).astype(np.float32)
@@ -196,8 +196,11 @@ def test_forced_fallback_gives_the_same_results(backend, precision, B):
         np.testing.assert_array_equal(out["auto"][0], out["numba"][0])
     else:
         np.testing.assert_allclose(out["auto"][0], out["numba"][0], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(out["numpy"][0], out["numba"][0], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(out["numpy"][1], out["numba"][1], rtol=0, atol=1e-5)
+    # NumPy's tanh moves the state by an ulp or so; now and then that moves an activation
+    # across a rounding boundary of its 8-bit form, one quantization step: rare and small.
+    d = np.abs(out["numpy"][0] - out["numba"][0])
+    assert np.mean(d > 1e-5) < 0.05 and d.max() < 2e-3
+    assert np.abs(out["numpy"][1] - out["numba"][1]).max() < 2e-3
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
