@@ -195,7 +195,8 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def run(points: list[tuple[str, int, int]], rounds: int, sample_s: float, threads: int) -> list[dict[str, Any]]:
+def run(points: list[tuple[str, int, int]], rounds: int, sample_s: float, threads: int,
+        pause: float) -> list[dict[str, Any]]:
     workers = {s: Worker(s, threads) for s in SIDES}
     results = []
     try:
@@ -210,6 +211,7 @@ def run(points: list[tuple[str, int, int]], rounds: int, sample_s: float, thread
             times: dict[str, list[float]] = {s: [] for s in live}
             for i in range(rounds):  # A B C D E, then B C D E A, ...
                 for s in live[i % len(live):] + live[: i % len(live)]:
+                    time.sleep(pause)  # the last side's spinning threads (OpenMP, MKL) go to sleep
                     times[s].append(workers[s].ask(op="time")["s"])
             rate = {s: (T * B) / statistics.median(v) for s, v in times.items()}
             results.append({"mode": mode, "H": H, "B": B, "T": T, "tok_s": rate, "errors": errors,
@@ -254,8 +256,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads for every side (default 2)")
     ap.add_argument("--rounds", type=int, default=7, help="timed samples per side and point (default 7)")
     ap.add_argument("--sample-s", type=float, default=0.4, help="seconds per timed sample (default 0.4)")
+    ap.add_argument("--pause", type=float, default=0.3,
+                    help="seconds between samples, so one side's spinning threads do not slow the next (0.3)")
     ap.add_argument("--quick", action="store_true", help="H=256 only, 3 rounds")
     ap.add_argument("--hidden", type=int, nargs="*", help="hidden sizes (default 256 1024)")
+    ap.add_argument("--modes", nargs="*", default=["gen", "infer"], help="gen, infer or both (default)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.worker:
@@ -263,13 +268,14 @@ def main() -> None:
         return
     Hs = args.hidden or ([256] if args.quick else [256, 1024])
     rounds = 3 if args.quick else args.rounds
-    points = [("gen", H, 1) for H in Hs] + [("infer", H, B) for H in Hs for B in (1, 32, 128)]
+    points = [("gen", H, 1) for H in Hs if "gen" in args.modes]
+    points += [("infer", H, B) for H in Hs for B in (1, 32, 128) if "infer" in args.modes]
     import platform
 
     import torch
 
     t0 = time.time()
-    results = run(points, rounds, args.sample_s, args.threads)
+    results = run(points, rounds, args.sample_s, args.threads, args.pause)
     print(f"Tokens per second, medians of {rounds} alternated samples per side; {args.threads} threads per side; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - t0:.0f} s.\n")

@@ -6,10 +6,9 @@ the NumPy fallback there computes the same thing. In short:
 * int8: weights q (R, K) int8 with a float32 scale per row; activations quantized
   per row (per stream and step) to integers in [-127, 127] with their own scale;
   the product of a row pair is the exact integer sum_k q[r, k] a[k], then scaled.
-  The integers are carried in float32: every partial sum of K <= 1024 products
-  of two 8-bit integers stays below 2^24, where float32 is exact, so any order of
-  summation (vector lanes, BLAS blocking) gives the same bits. Longer rows are
-  summed in blocks of 1024 and the blocks added in float64, exact too.
+  Here the sums are int32 (exact); MKL and NumPy carry them in float32, where every
+  partial sum of K <= 1024 such products stays below 2^24 and is exact in any order
+  (longer rows: blocks of 1024 added in float64). So all paths give the same bits.
 * bfloat16: weights and activations rounded to bfloat16; the products are exact
   in float32 and summed in float32 (order-dependent, so equal to rounding only).
 
@@ -27,11 +26,10 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from grumpy._nbkernels import _FM, _named, sigm32, tanh32
+from grumpy._nbkernels import _FM, _named, planes, sigm32, tanh32
 
 _Q = np.float32(127.0)
 _ZERO = np.float32(0.0)
-BLOCK = 1024  # int8 rows are summed in float32 blocks of this many products (exact below 2^24)
 
 
 @intrinsic
@@ -86,23 +84,19 @@ def round_rows_bf16(a, out):
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
 def _dot_int8(q, a):
-    """sum_k q[k] a[k] for q int8, a float32 holding integers in [-127, 127]: exact, in
-    float32 blocks of BLOCK terms added in float64. Each block is a slice of its own:
-    with the bounds computed inside one loop (range(k0, min(K, k0 + BLOCK))) the loop
-    did not vectorise and measured 15x slower (304 against 20 us for 768 x 256)."""
-    total = 0.0
-    for k0 in range(0, q.shape[0], BLOCK):
-        qb, ab = q[k0 : k0 + BLOCK], a[k0 : k0 + BLOCK]
-        acc = _ZERO
-        for k in range(qb.shape[0]):
-            acc += np.float32(qb[k]) * ab[k]
-        total += acc
-    return np.float32(total)
+    """sum_k q[k] a[k] for q int8 and a int16 holding integers in [-127, 127], exact in
+    int32 (no overflow below 2^17 terms), as float32: the same value as the float32 and
+    MKL paths' exact sums. Written so that LLVM multiplies 16-bit pairs (vpmaddwd):
+    1.1x the speed of float32 products with conversions, on one core."""
+    acc = np.int32(0)
+    for k in range(q.shape[0]):
+        acc = np.int32(acc + np.int32(np.int16(q[k]) * a[k]))
+    return np.float32(acc)
 
 
 def _products_int8(a, q, out):
-    """out (N, R) = a (N, K) @ q (R, K)^T exactly: a holds integers in [-127, 127] as
-    float32, q int8. Rows of q outer (each row converted once and kept in cache while
+    """out (N, R) = a (N, K) @ q (R, K)^T exactly: a int16 holding integers in [-127, 127],
+    q int8. Rows of q outer (each row converted once and kept in cache while
     it meets every row of a); one stream is the matrix-vector product of generation."""
     N, K = a.shape
     R = q.shape[0]
@@ -144,10 +138,11 @@ def scale_products(raw, sa, sw, out):
     c = np.empty(R, np.float32)
     for n in range(N):
         s = sa[n]
+        rn, on = raw[n], out[n]
         for r in range(R):
             c[r] = s * sw[r]
         for r in range(R):
-            out[n, r] = raw[n, r] * c[r]
+            on[r] = rn[r] * c[r]
 
 
 def _gates(gi, gh, sa, sw, bih, bhh, hp, ho, m):
@@ -159,17 +154,19 @@ def _gates(gi, gh, sa, sw, bih, bhh, hp, ho, m):
     MKL or not) calls this kernel, so their results stay identical."""
     B, H = hp.shape
     masked = m.shape[0] > 0
+    c_r, c_z, c_n = planes(bih)
+    b_r, b_z, b_n = planes(bhh)
+    s_r, s_z, s_n = planes(sw)
     for b in prange(B):
         mb = m[b] if masked else np.float32(1.0)
         s = sa[b]
-        g, e, hpb, hob = gi[b], gh[b], hp[b], ho[b]
+        g_r, g_z, g_n = planes(gi[b])
+        h_r, h_z, h_n = planes(gh[b])
+        hpb, hob = hp[b], ho[b]
         for j in range(H):
-            er = e[j] * (s * sw[j])
-            ez = e[H + j] * (s * sw[H + j])
-            en = e[2 * H + j] * (s * sw[2 * H + j])
-            r = sigm32(g[j] + bih[j] + er + bhh[j])
-            z = sigm32(g[H + j] + bih[H + j] + ez + bhh[H + j])
-            n = tanh32(g[2 * H + j] + bih[2 * H + j] + r * (en + bhh[2 * H + j]))
+            r = sigm32(g_r[j] + c_r[j] + h_r[j] * (s * s_r[j]) + b_r[j])
+            z = sigm32(g_z[j] + c_z[j] + h_z[j] * (s * s_z[j]) + b_z[j])
+            n = tanh32(g_n[j] + c_n[j] + r * (h_n[j] * (s * s_n[j]) + b_n[j]))
             h = hpb[j]
             hob[j] = h + mb * ((n + z * (h - n)) - h)
 
@@ -188,7 +185,7 @@ def _step_int8(x, h, qih, sih, qhh, shh, bih, bhh, out, xq, hq, g):
     quantize_rows_int8(x.reshape(1, -1), xq, sx)
     quantize_rows_int8(h.reshape(1, -1), hq, sh)
     gi, gh = g[0], g[1]
-    xr, hr = xq[0], hq[0]
+    xr, hr = xq[0].astype(np.int16), hq[0].astype(np.int16)
     for r in prange(3 * H):
         gi[r] = _dot_int8(qih[r], xr)
         gh[r] = _dot_int8(qhh[r], hr)

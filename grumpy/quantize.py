@@ -82,15 +82,22 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # -- backends -----------------------------------------------------------------------
 
 
+_QK: Any = None  # grumpy._qkernels once imported; False when numba is missing or disabled
+
+
 def _numba() -> Any:
-    """grumpy._qkernels, or None when numba is missing, disabled or not wanted."""
-    if _BACKEND == "numpy" or os.environ.get("GRUMPY_NUMBA", "1") == "0":
-        return None
-    try:
-        from grumpy import _qkernels
-    except ImportError:
-        return None
-    return _qkernels
+    """grumpy._qkernels, or None when numba is missing, disabled (GRUMPY_NUMBA=0) or not wanted."""
+    global _QK
+    if _QK is None:
+        _QK = False
+        if os.environ.get("GRUMPY_NUMBA", "1") != "0":
+            try:
+                from grumpy import _qkernels
+
+                _QK = _qkernels
+            except ImportError:
+                pass
+    return _QK if _QK and _BACKEND != "numpy" else None
 
 
 class _Mkl:
@@ -210,7 +217,7 @@ class QMatrix:
         elif nb is not None:
             big = N * R * K >= _PARALLEL_MIN
             if self.precision == "int8":
-                (nb.products_int8_parallel if big else nb.products_int8_serial)(aq, self.data, out)
+                (nb.products_int8_parallel if big else nb.products_int8_serial)(aq.astype(np.int16), self.data, out)
             else:
                 (nb.products_bf16_parallel if big else nb.products_bf16_serial)(aq, self.data, out)
         else:
@@ -290,6 +297,7 @@ class _Cell:
         self.b_hh = np.asarray(p.get("bias_hh" + sfx, zeros), _F32)
         self.H = H
         self.reset_after = reset_after
+        self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the one-stream step's
         if not reset_after:  # W_hn acts on r ⊙ h: a second product after the gates r, z
             self.w_rz, self.w_n = self.w_hh.rows(0, 2 * H), self.w_hh.rows(2 * H, 3 * H)
 
@@ -322,8 +330,9 @@ class _Cell:
         """One stream: one compiled call for both products and the gates."""
         H, I = self.H, x.shape[0]
         big = 3 * H * (H + I) >= _PARALLEL_MIN
-        g = np.empty((2, 3 * H), _F32)
-        xq, hq = np.empty((1, I), _F32), np.empty((1, H), _F32)
+        if self._scratch is None:  # kept: fresh arrays cost 2-3 us a step, a tenth at H=256
+            self._scratch = (np.empty((2, 3 * H), _F32), np.empty((1, I), _F32), np.empty((1, H), _F32))
+        g, xq, hq = self._scratch
         x, h = np.ascontiguousarray(x, _F32), np.ascontiguousarray(h, _F32)
         if self.w_ih.precision == "int8":
             fn = nb.step_int8_parallel if big else nb.step_int8_serial
