@@ -65,7 +65,7 @@ def quantize_rows_int8(a, aq, sa):
         for k in range(K):
             v = rb[k] & np.uint32(0x7FFFFFFF)
             mb = v if v > mb else mb
-        m = _bits_to_f32(mb)
+        m: np.float32 = _bits_to_f32(mb)  # type: ignore[call-arg]
         inv = _Q / m if m > _ZERO else _ZERO
         sa[n] = m / _Q
         for k in range(K):
@@ -232,3 +232,36 @@ def to_bf16_bits(a, out):
     ob = out.reshape(-1)
     for i in range(ab.shape[0]):
         ob[i] = np.uint16(ab[i] >> np.uint32(16))
+
+
+_RM, _NT, _PK = 101, 111, 151  # CBLAS: row major, no transpose, packed
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def steps_packed(gemm, w, int8, gi, hs, m2, reverse, sw, bih, bhh, aq, a16, sa, gh, parallel):
+    """The recurrent steps of one chunk of a sequence, batch on MKL: no Python between steps.
+
+    gemm: MKL's cblas_gemm_bf16bf16f32_compute as a C function pointer, w the address of
+    the recurrent weights it packed (bfloat16 bits, int8 values for int8). gi (n, B, 3H) the
+    chunk's input products (scaled, no bias); hs (n+1, B, H) the chunk's states, h0 at
+    hs[n] (reverse) or hs[0]; m2 (n, B) the mask or (n, 0). Scratch: aq (B, H) float32,
+    a16 (B, H) uint16, sa (B,) (ones for bfloat16), gh (B, 3H). The same calls, in the same
+    order, as the Python loop of grumpy.quantize: the results are the same bits."""
+    n = gi.shape[0]
+    B, H = hs.shape[1], hs.shape[2]
+    G = 3 * H
+    for step in range(n):
+        t = n - 1 - step if reverse else step
+        ip = t + 1 if reverse else t
+        io = t if reverse else t + 1
+        hp = hs[ip]
+        if int8:
+            quantize_rows_int8(hp, aq, sa)
+        else:
+            round_rows_bf16(hp, aq)
+        to_bf16_bits(aq, a16)
+        gemm(_RM, _NT, _PK, B, G, H, np.float32(1.0), a16.ctypes.data, H, w, H, np.float32(0.0), gh.ctypes.data, G)
+        if parallel:
+            gates_parallel(gi[t], gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
+        else:
+            gates_serial(gi[t], gh, sa, sw, bih, bhh, hp, hs[io], m2[t])

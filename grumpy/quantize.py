@@ -113,6 +113,10 @@ class _Mkl:
         self.pack.restype, self.pack.argtypes = None, [i, i, i, i, i, i, p, i, p]
         self.compute = lib.cblas_gemm_bf16bf16f32_compute
         self.compute.restype, self.compute.argtypes = None, [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+        # the same function as a C pointer with integer addresses, for the compiled time loop
+        z = ctypes.c_size_t
+        self.compute_ptr = ctypes.CFUNCTYPE(None, i, i, i, i, i, i, f, z, i, z, i, f, z, i)(
+            ctypes.cast(self.compute, ctypes.c_void_p).value or 0)
 
 
 _MKL: Any = None  # an _Mkl once looked up; False when MKL or its bfloat16 products are missing
@@ -362,13 +366,21 @@ class _Cell:
         hs = np.empty((T + 1, B, H), _F32)  # as grumpy.kernels: hs[t + 1] after step t (forward)
         hs[T if reverse else 0] = h0
         order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
-        one = B == 1 and self.reset_after and _numba() is not None
+        nb = _numba()
+        one = B == 1 and self.reset_after and nb is not None
+        # (int8 rows longer than 1024 need the blocked sums of the Python loop's products)
+        exact = self.w_hh.precision == "bfloat16" or H <= _BLOCK
+        mkl = _mkl() if B > 1 and self.reset_after and nb is not None and exact else None
+        loop = None if mkl is None else self._compiled_loop(nb, mkl, B, mask, T)
         chunk = max(1, min(T, _CHUNK_BYTES // (B * 3 * H * 4)))
         for c0 in range(0, T, chunk):
             ts = order[c0 : c0 + chunk]
             lo, n = min(ts), len(ts)
             # the input products of a chunk of steps at once (one stream: inside each step)
             gi = None if one else self.w_ih(x[lo : lo + n].reshape(n * B, I)).reshape(n, B, 3 * H)
+            if loop is not None and gi is not None:
+                loop(gi, hs[lo : lo + n + 1], lo, n, reverse)
+                continue
             for t in ts:
                 ip, io = (t + 1, t) if reverse else (t, t + 1)
                 m = None if mask is None else mask[t]
@@ -380,6 +392,28 @@ class _Cell:
         if mask is not None:
             out = out * mask[..., None]
         return out, hs[0 if reverse else T].copy()
+
+
+    def _compiled_loop(self, nb: Any, mkl: _Mkl, B: int, mask: np.ndarray | None, T: int) -> Any:
+        """The recurrent steps of a batch in one compiled call per chunk (MKL's packed
+        product through a C pointer): the Python loop's calls, without Python between steps."""
+        from grumpy import _blas
+
+        H = self.H
+        w = self.w_hh
+        ptr = w._packed(mkl, B)
+        m2 = np.empty((T, 0), _F32) if mask is None else np.ascontiguousarray(mask, _F32)
+        aq, a16 = np.empty((B, H), _F32), np.empty((B, H), np.uint16)
+        sa, gh = np.ones(B, _F32), np.empty((B, 3 * H), _F32)
+        int8 = w.precision == "int8"
+        parallel = B * H >= 1 << 16
+
+        def run(gi: np.ndarray, hs: np.ndarray, lo: int, n: int, reverse: bool) -> None:
+            with _blas._threads(B * 3 * H * H):
+                nb.steps_packed(mkl.compute_ptr, ptr, int8, gi, hs, m2[lo : lo + n], reverse, w.scale, self.b_ih,
+                                self.b_hh, aq, a16, sa, gh, parallel)
+
+        return run
 
 
 class QuantizedGRU(StreamState):
