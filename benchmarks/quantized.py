@@ -64,7 +64,8 @@ def _build_grumpy(precision: str, mode: str, H: int, B: int, T: int) -> Callable
     W = head_t.weight.detach().numpy().copy()
     b = head_t.bias.detach().numpy().copy()
     x, y = _data(T, B)
-    model: Any = gru if precision == "float32" else grumpy.quantize(gru, precision)  # type: ignore[arg-type]
+    wanted: Any = precision  # "int8" or "bfloat16" here
+    model: Any = gru if precision == "float32" else grumpy.quantize(gru, wanted)
     if mode == "gen":
         x1 = x[0]  # (1, I)
         if precision == "float32":  # the lean path `grumpy sample` uses

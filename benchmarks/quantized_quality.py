@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,13 +34,13 @@ def main() -> None:
     with open(os.path.join(ROOT, "docs", "experiments.md"), encoding="utf-8") as f:
         raw += f.read()
     unseen = vocab.encode("".join(c for c in raw if c in vocab))
-    models = [("float32", model)] + [(p, grumpy.quantize(model, p)) for p in ("int8", "bfloat16")]
+    models: list[tuple[str, Any]] = [("float32", model)]
+    models += [("int8", grumpy.quantize(model, "int8")), ("bfloat16", grumpy.quantize(model, "bfloat16"))]
     print(f"{args.checkpoint}: validation split {len(val):,} characters, unseen text {len(unseen):,}\n")
     print("| text | float32 | int8 | int8 - float32 | bfloat16 | bfloat16 - float32 |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, ids in (("validation", val), ("unseen", unseen)):
-        bits = {p: estimate_loss(m, ids, batch_size=cfg.eval_batch_size, seq_len=cfg.seq_len) / LN2  # type: ignore[arg-type]
-                for p, m in models}
+        bits = {p: estimate_loss(m, ids, batch_size=cfg.eval_batch_size, seq_len=cfg.seq_len) / LN2 for p, m in models}
         f32 = bits["float32"]
         print(f"| {name} | {f32:.4f} | {bits['int8']:.4f} | {bits['int8'] - f32:+.4f} | {bits['bfloat16']:.4f} "
               f"| {bits['bfloat16'] - f32:+.4f} |")

@@ -21,6 +21,8 @@ compiled variant (serial, parallel) has a name of its own.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -32,8 +34,7 @@ _Q = np.float32(127.0)
 _ZERO = np.float32(0.0)
 
 
-@intrinsic
-def _bits_to_f32(typingctx, v):
+def _bits_to_f32_typer(typingctx, v):
     """The float32 whose bit pattern is the uint32 v (numba has no scalar bit cast)."""
 
     def codegen(context, builder, signature, args):
@@ -42,10 +43,13 @@ def _bits_to_f32(typingctx, v):
     return types.float32(types.uint32), codegen
 
 
+_bits_to_f32: Any = intrinsic(_bits_to_f32_typer)  # Any: called with v alone, the typing context is numba's
+
+
 @njit(inline="always", cache=True)
 def bf16_value(bits):
     """A bfloat16 bit pattern (uint16) -> its value as float32 (exact)."""
-    return _bits_to_f32(np.uint32(bits) << np.uint32(16))  # type: ignore[call-arg]
+    return _bits_to_f32(np.uint32(bits) << np.uint32(16))
 
 
 @njit(cache=True)
@@ -65,7 +69,7 @@ def quantize_rows_int8(a, aq, sa):
         for k in range(K):
             v = rb[k] & np.uint32(0x7FFFFFFF)
             mb = v if v > mb else mb
-        m: np.float32 = _bits_to_f32(mb)  # type: ignore[call-arg]
+        m = _bits_to_f32(mb)
         inv = _Q / m if m > _ZERO else _ZERO
         sa[n] = m / _Q
         for k in range(K):
