@@ -149,28 +149,29 @@ def scale_products(raw, sa, sw, out):
             on[r] = rn[r] * c[r]
 
 
-def _gates(gi, gh, sa, sw, bih, bhh, hp, ho, m):
+def _gates(gi, si, swi, gh, sa, sw, bih, bhh, hp, ho, m):
     """The gate math of one step (reset_after form), as grumpy._nbkernels' inference
-    kernel: gi (B, 3H) the input products (scaled, without bias), gh (B, 3H) the raw
-    recurrent products, scaled here by sa[b] * sw[j] (ones for bfloat16), hp (B, H) the
-    state in -> ho (B, H) the state out; m (B,) the mask (1 valid, 0 padding) or (0,).
-    Folding the scales in saves a pass over gh: every compiled path (one stream, batch,
-    MKL or not) calls this kernel, so their results stay identical."""
+    kernel, with the scales of both products folded in: gi, gh (B, 3H) the raw input and
+    recurrent products, scaled here by si[b] * swi[j] and sa[b] * sw[j] (ones for
+    bfloat16); hp (B, H) the state in -> ho (B, H) the state out; m (B,) the mask (1 valid,
+    0 padding) or (0,). Folding saves two passes over (B, 3H) arrays a step, and every
+    compiled path (one stream, batch, MKL or not) calls this kernel: the same bits."""
     B, H = hp.shape
     masked = m.shape[0] > 0
     c_r, c_z, c_n = planes(bih)
     b_r, b_z, b_n = planes(bhh)
     s_r, s_z, s_n = planes(sw)
+    t_r, t_z, t_n = planes(swi)
     for b in prange(B):
         mb = m[b] if masked else np.float32(1.0)
-        s = sa[b]
+        s, u = sa[b], si[b]
         g_r, g_z, g_n = planes(gi[b])
         h_r, h_z, h_n = planes(gh[b])
         hpb, hob = hp[b], ho[b]
         for j in range(H):
-            r = sigm32(g_r[j] + c_r[j] + h_r[j] * (s * s_r[j]) + b_r[j])
-            z = sigm32(g_z[j] + c_z[j] + h_z[j] * (s * s_z[j]) + b_z[j])
-            n = tanh32(g_n[j] + c_n[j] + r * (h_n[j] * (s * s_n[j]) + b_n[j]))
+            r = sigm32(g_r[j] * (u * t_r[j]) + c_r[j] + h_r[j] * (s * s_r[j]) + b_r[j])
+            z = sigm32(g_z[j] * (u * t_z[j]) + c_z[j] + h_z[j] * (s * s_z[j]) + b_z[j])
+            n = tanh32(g_n[j] * (u * t_n[j]) + c_n[j] + r * (h_n[j] * (s * s_n[j]) + b_n[j]))
             h = hpb[j]
             hob[j] = h + mb * ((n + z * (h - n)) - h)
 
@@ -193,8 +194,8 @@ def _step_int8(x, h, qih, sih, qhh, shh, bih, bhh, out, xq, hq, g):
     for r in prange(3 * H):
         gi[r] = _dot_int8(qih[r], xr)
         gh[r] = _dot_int8(qhh[r], hr)
-    scale_products(g[0:1], sx, sih, g[0:1])
-    gates_serial(g[0:1], g[1:2], sh, shh, bih, bhh, h.reshape(1, -1), out.reshape(1, -1), np.empty(0, np.float32))
+    gates_serial(g[0:1], sx, sih, g[1:2], sh, shh, bih, bhh, h.reshape(1, -1), out.reshape(1, -1),
+                 np.empty(0, np.float32))
 
 
 def _step_bf16(x, h, wih, whh, bih, bhh, out, xq, hq, g):
@@ -216,7 +217,7 @@ def _step_bf16(x, h, wih, whh, bih, bhh, out, xq, hq, g):
         gi[r] = ai
         gh[r] = ah
     ones = np.ones(3 * H, np.float32)
-    gates_serial(g[0:1], g[1:2], ones[:1], ones, bih, bhh, h.reshape(1, -1), out.reshape(1, -1),
+    gates_serial(g[0:1], ones[:1], ones, g[1:2], ones[:1], ones, bih, bhh, h.reshape(1, -1), out.reshape(1, -1),
                  np.empty(0, np.float32))
 
 
@@ -242,12 +243,12 @@ _RM, _NT, _PK = 101, 111, 151  # CBLAS: row major, no transpose, packed
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def steps_packed(gemm, w, int8, gi, hs, m2, reverse, sw, bih, bhh, aq, a16, sa, gh, parallel):
+def steps_packed(gemm, w, int8, gi, si, swi, hs, m2, reverse, sw, bih, bhh, aq, a16, sa, gh, parallel):
     """The recurrent steps of one chunk of a sequence, batch on MKL: no Python between steps.
 
     gemm: MKL's cblas_gemm_bf16bf16f32_compute as a C function pointer, w the address of
     the recurrent weights it packed (bfloat16 bits, int8 values for int8). gi (n, B, 3H) the
-    chunk's input products (scaled, no bias); hs (n+1, B, H) the chunk's states, h0 at
+    chunk's raw input products, si (n, B) and swi (3H,) their scales; hs (n+1, B, H) the chunk's states, h0 at
     hs[n] (reverse) or hs[0]; m2 (n, B) the mask or (n, 0). Scratch: aq (B, H) float32,
     a16 (B, H) uint16, sa (B,) (ones for bfloat16), gh (B, 3H). The same calls, in the same
     order, as the Python loop of grumpy.quantize: the results are the same bits."""
@@ -266,6 +267,6 @@ def steps_packed(gemm, w, int8, gi, hs, m2, reverse, sw, bih, bhh, aq, a16, sa, 
         to_bf16_bits(aq, a16)
         gemm(_RM, _NT, _PK, B, G, H, np.float32(1.0), a16.ctypes.data, H, w, H, np.float32(0.0), gh.ctypes.data, G)
         if parallel:
-            gates_parallel(gi[t], gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
+            gates_parallel(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
         else:
-            gates_serial(gi[t], gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
+            gates_serial(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])

@@ -268,7 +268,14 @@ class QMatrix:
             total += out
         out[...] = total
 
+    def raw(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """a (N, K) float32 -> (the raw products (N, R), the activations' scales (N,), ones
+        for bfloat16): the product is raw * (scales[:, None] * self.scale[None, :])."""
+        aq, sa = self.quantize_activations(np.ascontiguousarray(a, _F32))
+        return self.products(aq), np.ones(a.shape[0], _F32) if sa is None else sa
+
     def __call__(self, a: np.ndarray) -> np.ndarray:
+        """a (N, K) float32 -> the product (N, R), scaled."""
         a = np.ascontiguousarray(a, _F32)
         aq, sa = self.quantize_activations(a)
         raw = self.products(aq)
@@ -315,30 +322,31 @@ class _Cell:
         if not reset_after:  # W_hn acts on r ⊙ h: a second product after the gates r, z
             self.w_rz, self.w_n = self.w_hh.rows(0, 2 * H), self.w_hh.rows(2 * H, 3 * H)
 
-    def step(self, gi: np.ndarray | None, x: np.ndarray, hp: np.ndarray, ho: np.ndarray,
+    def step(self, gi: tuple[np.ndarray, np.ndarray] | None, x: np.ndarray, hp: np.ndarray, ho: np.ndarray,
              m: np.ndarray | None) -> None:
-        """ho (B, H) = the state after one step from hp (B, H); gi (B, 3H) the input products
-        (without bias), or None to compute them from x (B, I) here; m (B,) the mask or None."""
+        """ho (B, H) = the state after one step from hp (B, H); gi the input products as
+        (raw (B, 3H), scales (B,)) (see :meth:`QMatrix.raw`), or None to compute them from
+        x (B, I) here; m (B,) the mask or None."""
         B, H = hp.shape
         nb = _numba()
         if nb is not None and self.reset_after and B == 1 and m is None:
             self._fused_step(nb, x[0], hp[0], ho[0])
             return
-        if gi is None:
-            gi = self.w_ih(x)
-        if not self.reset_after:
-            self._step_reset_before(gi, hp, ho, m)
+        gi_raw, si = self.w_ih.raw(x) if gi is None else gi
+        if nb is None or not self.reset_after:
+            a = gi_raw * (si[:, None] * self.w_ih.scale[None, :])
+            if not self.reset_after:
+                self._step_reset_before(a, hp, ho, m)
+                return
+            gh, sa = self.w_hh.raw(hp)
+            _gates_numpy(a, gh * (sa[:, None] * self.w_hh.scale[None, :]), self.b_ih, self.b_hh, hp, ho, m)
             return
-        aq, sa = self.w_hh.quantize_activations(hp)
+        aq, sa_ = self.w_hh.quantize_activations(hp)
         gh = self.w_hh.products(aq, pack=True)
-        if sa is None:
-            sa = np.ones(B, _F32)
-        if nb is not None:
-            gates = nb.gates_parallel if B * H >= 1 << 16 else nb.gates_serial
-            gates(gi, gh, sa, self.w_hh.scale, self.b_ih, self.b_hh, hp, ho, np.empty(0, _F32) if m is None else m)
-        else:
-            gh *= sa[:, None] * self.w_hh.scale[None, :]
-            _gates_numpy(gi, gh, self.b_ih, self.b_hh, hp, ho, m)
+        sa = np.ones(B, _F32) if sa_ is None else sa_
+        gates = nb.gates_parallel if B * H >= 1 << 16 else nb.gates_serial
+        gates(gi_raw, si, self.w_ih.scale, gh, sa, self.w_hh.scale, self.b_ih, self.b_hh, hp, ho,
+              np.empty(0, _F32) if m is None else m)
 
     def _fused_step(self, nb: Any, x: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
         """One stream: one compiled call for both products and the gates."""
@@ -387,9 +395,12 @@ class _Cell:
             ts = order[c0 : c0 + chunk]
             lo, n = min(ts), len(ts)
             # the input products of a chunk of steps at once (one stream: inside each step)
-            gi = None if one else self.w_ih(x[lo : lo + n].reshape(n * B, I)).reshape(n, B, 3 * H)
-            if loop is not None and gi is not None:
-                loop(gi, hs[lo : lo + n + 1], lo, n, reverse)
+            gi = si = None
+            if not one:  # raw products and their scales, folded into the gate kernel
+                raw, sc = self.w_ih.raw(x[lo : lo + n].reshape(n * B, I))
+                gi, si = raw.reshape(n, B, 3 * H), sc.reshape(n, B)
+            if loop is not None and gi is not None and si is not None:
+                loop(gi, si, hs[lo : lo + n + 1], lo, n, reverse)
                 continue
             for t in ts:
                 ip, io = (t + 1, t) if reverse else (t, t + 1)
@@ -397,7 +408,8 @@ class _Cell:
                 if one and m is not None and m[0] == 0:  # a padded step of one stream: the state stays
                     hs[io] = hs[ip]
                     continue
-                self.step(None if gi is None else gi[t - lo], x[t], hs[ip], hs[io], None if one else m)
+                g = None if gi is None or si is None else (gi[t - lo], si[t - lo])
+                self.step(g, x[t], hs[ip], hs[io], None if one else m)
         out = hs[:T] if reverse else hs[1:]
         if mask is not None:
             out = out * mask[..., None]
@@ -418,10 +430,10 @@ class _Cell:
         int8 = w.precision == "int8"
         parallel = B * H >= 1 << 16
 
-        def run(gi: np.ndarray, hs: np.ndarray, lo: int, n: int, reverse: bool) -> None:
+        def run(gi: np.ndarray, si: np.ndarray, hs: np.ndarray, lo: int, n: int, reverse: bool) -> None:
             with _blas._threads(B * 3 * H * H):
-                nb.steps_packed(mkl.compute_ptr, ptr, int8, gi, hs, m2[lo : lo + n], reverse, w.scale, self.b_ih,
-                                self.b_hh, aq, a16, sa, gh, parallel)
+                nb.steps_packed(mkl.compute_ptr, ptr, int8, gi, si, self.w_ih.scale, hs, m2[lo : lo + n], reverse,
+                                w.scale, self.b_ih, self.b_hh, aq, a16, sa, gh, parallel)
 
         return run
 
