@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from grumpy import _blas
-from grumpy._blas import matmul
+from grumpy.kernels import blas as _blas
+from grumpy.kernels.blas import matmul
 
 
 def seconds_per_product(w: np.ndarray, h: np.ndarray, out: np.ndarray, one_thread: bool, n: int = 300) -> float:

@@ -55,8 +55,8 @@ def _torch_model(H: int) -> tuple[Any, Any]:
 
 def _build_grumpy(precision: str, mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
     import grumpy
-    from grumpy._blas import matmul
-    from grumpy.model import nll
+    from grumpy.kernels.blas import matmul
+    from grumpy.lm.model import nll
 
     gru_t, head_t = _torch_model(H)  # the same weights as the torch sides
     gru = grumpy.GRU(I_SIZE, H).eval()
@@ -146,7 +146,7 @@ def worker(side: str, threads: int) -> None:
 
         torch.set_num_threads(threads)
     else:
-        import grumpy._blas  # noqa: F401  (loads MKL so that threadpoolctl limits it)
+        import grumpy.kernels.blas  # noqa: F401  (loads MKL so that threadpoolctl limits it)
     from threadpoolctl import threadpool_limits
 
     keep = threadpool_limits(limits=threads, user_api="blas")  # noqa: F841

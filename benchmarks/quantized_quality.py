@@ -21,9 +21,10 @@ def main() -> None:
     ap.add_argument("checkpoint", help="a checkpoint written by grumpy train (trained on the shipped corpus)")
     args = ap.parse_args()
     import grumpy
-    from grumpy.checkpoint import load_model
-    from grumpy.data import Vocab, load_text, split_text
-    from grumpy.train import LN2, TrainConfig, estimate_loss
+    from grumpy.lm import TrainConfig, estimate_loss
+    from grumpy.lm.checkpoint import load_model
+    from grumpy.lm.data import Vocab, load_text, split_text
+    from grumpy.lm.model import LN2
 
     model, meta = load_model(args.checkpoint)
     vocab = Vocab(meta["vocab"])

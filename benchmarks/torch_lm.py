@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from grumpy.data import StreamBatcher, Vocab, eval_windows, load_text, split_text
+from grumpy.lm.data import StreamBatcher, Vocab, eval_windows, load_text, split_text
 
 
 class TorchCharModel(torch.nn.Module):

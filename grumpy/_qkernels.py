@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from grumpy._nbkernels import _FM, _named, planes, sigm32, tanh32
+from grumpy.kernels.nb import _FM, _named, planes, sigm32, tanh32
 
 _Q = np.float32(127.0)
 _ZERO = np.float32(0.0)
@@ -150,7 +150,7 @@ def scale_products(raw, sa, sw, out):
 
 
 def _gates(gi, si, swi, gh, sa, sw, bih, bhh, hp, ho, m):
-    """The gate math of one step (reset_after form), as grumpy._nbkernels' inference
+    """The gate math of one step (reset_after form), as grumpy.kernels.nb's inference
     kernel, with the scales of both products folded in: gi, gh (B, 3H) the raw input and
     recurrent products, scaled here by si[b] * swi[j] and sa[b] * sw[j] (ones for
     bfloat16); hp (B, H) the state in -> ho (B, H) the state out; m (B,) the mask (1 valid,

@@ -41,9 +41,11 @@ class CellCache(NamedTuple):
 
 
 def _split3(a: np.ndarray | None) -> tuple[Any, Any, Any]:
+    """[A_r; A_z; A_n] -> (A_r, A_z, A_n); a missing bias is three zeros."""
     if a is None:
         return 0.0, 0.0, 0.0
-    return tuple(np.split(a, 3, axis=0))  # type: ignore[return-value]
+    r, z, n = np.split(a, 3, axis=0)
+    return r, z, n
 
 
 def gru_cell_forward(
@@ -151,7 +153,7 @@ class GRUCell:
         self.dtype = check_dtype(dtype)
         rng = np.random.default_rng(seed)
         H, I = self.hidden_size, self.input_size
-        shapes = {"weight_ih": (3 * H, I), "weight_hh": (3 * H, H)}
+        shapes: dict[str, tuple[int, ...]] = {"weight_ih": (3 * H, I), "weight_hh": (3 * H, H)}
         if self.bias:
             shapes.update(bias_ih=(3 * H,), bias_hh=(3 * H,))
         self.params = {k: uniform_init(rng, s, H, self.dtype) for k, s in shapes.items()}

@@ -20,11 +20,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from grumpy.kernels.blas import blas_threads
 from grumpy.layers import GRU, RecurrentStack
+from grumpy.optim import Adam, clip_grad_norm
 from grumpy.rnn import RNN
 
 # The models compared: label -> constructor (input_size, hidden_size, dtype, seed).
@@ -92,39 +95,6 @@ class Regressor:
         return float(np.mean((self.predict(x) - y).astype(np.float64) ** 2))
 
 
-class _Adam:
-    """Minimal Adam (Kingma & Ba) updating the arrays of ``params`` in place.
-
-    Inline so the experiments depend on nothing outside this package's core;
-    a shared optimiser module can replace it.
-    """
-
-    def __init__(self, params: dict[str, np.ndarray], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
-        self.m = {k: np.zeros_like(v) for k, v in params.items()}
-        self.v = {k: np.zeros_like(v) for k, v in params.items()}
-
-    def step(self, grads: dict[str, np.ndarray]) -> None:
-        b1, b2 = self.betas
-        self.t += 1
-        lr_t = self.lr * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)  # bias corrections folded into the step
-        for k, p in self.params.items():
-            self.m[k] = b1 * self.m[k] + (1 - b1) * grads[k]
-            self.v[k] = b2 * self.v[k] + (1 - b2) * grads[k] ** 2
-            p -= (lr_t * self.m[k] / (np.sqrt(self.v[k]) + self.eps)).astype(p.dtype)
-
-
-def _clip(grads: dict[str, np.ndarray], max_norm: float) -> float:
-    """Scale grads in place to global norm <= max_norm (keeps a plain RNN's rare
-    exploding steps from wrecking a run). Returns the norm before clipping."""
-    norm = float(np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values())))
-    if norm > max_norm:
-        for g in grads.values():
-            g *= max_norm / norm
-    return norm
-
-
 def train_adding(
     kind: str, T: int, *, steps: int, batch_size: int = 32, hidden_size: int = 32, lr: float = 1e-2,
     clip: float = 1.0, eval_every: int = 50, n_val: int = 500, n_test: int = 2000, seed: int = 0,
@@ -140,15 +110,15 @@ def train_adding(
     data_rng = np.random.default_rng([seed, T, 2])
     x_val, y_val = adding_batch(np.random.default_rng([seed, T, 3]), T, n_val)
     x_test, y_test = adding_batch(np.random.default_rng([seed, T, 4]), T, n_test)
-    opt = _Adam(model.params, lr)
+    opt = Adam(lr)
     curve = [(0, model.mse(x_val, y_val))]
     reached = None
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         x, y = adding_batch(data_rng, T, batch_size)
         _, grads = model.loss_and_grads(x, y)
-        _clip(grads, clip)
-        opt.step(grads)
+        clip_grad_norm(grads, clip)  # keeps a plain RNN's rare exploding steps from wrecking a run
+        opt.step(model.params, grads)
         if step % eval_every == 0 or step == steps:
             mse = model.mse(x_val, y_val)
             curve.append((step, mse))
@@ -206,8 +176,9 @@ def state_gradient_norms(model: Regressor, x: np.ndarray, y: np.ndarray) -> np.n
 
 def gradient_flow(quick: bool = False, seed: int = 0, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Norms of dL/dh_t, at initialisation and after training on the adding problem."""
-    cfg = dict(T=100, hidden_size=32, batch_size=32, steps=300, lr=1e-2, n_measure=64, init_draws=3) if quick else \
-        dict(T=200, hidden_size=32, batch_size=32, steps=1500, lr=1e-2, n_measure=256, init_draws=10)
+    cfg: dict[str, Any] = (
+        dict(T=100, hidden_size=32, batch_size=32, steps=300, lr=1e-2, n_measure=64, init_draws=3) if quick
+        else dict(T=200, hidden_size=32, batch_size=32, steps=1500, lr=1e-2, n_measure=256, init_draws=10))
     T = cfg["T"]
     x, y = adding_batch(np.random.default_rng([seed, 99]), T, cfg["n_measure"])
     out: dict[str, Any] = {"experiment": "gradient-flow", "quick": quick, "seed": seed, "config": cfg, "runs": {}}
@@ -246,7 +217,7 @@ def _flow_table(runs: dict[str, Any], T: int) -> list[dict[str, Any]]:
     for kind, r in runs.items():
         for when in ("init", "trained"):
             n = r[when]
-            row = {"model": kind, "when": "initialisation" if when == "init" else "trained"}
+            row: dict[str, Any] = {"model": kind, "when": "initialisation" if when == "init" else "trained"}
             for lag in (0, 10, 50, 100):
                 if T - lag >= 0:
                     row["t=T" if lag == 0 else f"t=T-{lag}"] = n[T - lag]
@@ -284,8 +255,9 @@ def _plot_flow(out: dict[str, Any], path: str) -> bool:
 
 def adding(quick: bool = False, seed: int = 0, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """RNN and GRU on the adding problem, same budget: T in {50, 100, 200} (quick: T = 50, fewer steps)."""
-    cfg = dict(Ts=[50], steps=400, batch_size=32, hidden_size=32, lr=1e-2, eval_every=25) if quick else \
-        dict(Ts=[50, 100, 200], steps=3000, batch_size=32, hidden_size=32, lr=1e-2, eval_every=50)
+    cfg: dict[str, Any] = (
+        dict(Ts=[50], steps=400, batch_size=32, hidden_size=32, lr=1e-2, eval_every=25) if quick
+        else dict(Ts=[50, 100, 200], steps=3000, batch_size=32, hidden_size=32, lr=1e-2, eval_every=50))
     out: dict[str, Any] = {"experiment": "adding", "quick": quick, "seed": seed, "config": cfg,
                            "baseline_mse": 1.0 / 6.0, "runs": []}
     for T in cfg["Ts"]:
@@ -467,19 +439,7 @@ def _format_jacobian_case(row: dict[str, Any]) -> str:
 # -- output -------------------------------------------------------------------------
 
 
-def _one_blas_thread():  # type: ignore[no-untyped-def]
-    """The products here are small (B x H by H x 3H): BLAS threads only add
-    synchronisation, and on a busy machine slow a step down several times."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def _figure_class():  # type: ignore[no-untyped-def]
+def _figure_class() -> Any:
     """matplotlib's Figure (no pyplot, so no GUI backend is touched), or None if not installed."""
     try:
         from matplotlib.figure import Figure
@@ -517,17 +477,17 @@ EXPERIMENTS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, 
 def run_experiment(name: str, out_dir: str, *, quick: bool = False, seed: int = 0, overwrite: bool = False,
                    log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Run experiment ``name`` and write ``NAME.json`` (and ``NAME.png``) into out_dir."""
-    from grumpy.cli import UsageError
-
     func, plot, table = EXPERIMENTS[name]
     stem = name + ("-quick" if quick else "")
     paths = [os.path.join(out_dir, stem + ".json")] + ([os.path.join(out_dir, stem + ".png")] if plot else [])
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
-        raise UsageError(f"--out: {', '.join(existing)} already exists (pass --overwrite to replace)")
+        raise ValueError(f"--out: {', '.join(existing)} already exists (pass --overwrite to replace)")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    with _one_blas_thread():
+    # The products are small (B x H by H x 3H): BLAS threads only add synchronisation,
+    # and on a busy machine slow a step down several times.
+    with blas_threads(1):
         result = func(quick=quick, seed=seed, log=log)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if table is not None and log:
@@ -542,22 +502,3 @@ def run_experiment(name: str, out_dir: str, *, quick: bool = False, seed: int = 
     if log:
         log(f"wrote {', '.join(p for p in paths if os.path.exists(p))} in {result['seconds']} s")
     return result
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "experiment", help="run an experiment: gradient flow, adding problem, state Jacobian",
-        description="Experiments comparing the GRU with a plain tanh RNN (see docs/experiments.md).",
-    )
-    p.add_argument("name", choices=list(EXPERIMENTS), help="which experiment")
-    p.add_argument("--quick", action="store_true", help="CI-sized run (well under a minute)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--out", default="experiment-results", metavar="DIR",
-                   help="directory for NAME.json and NAME.png (default: experiment-results)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: Any) -> int:
-    run_experiment(args.name, args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
-    return 0

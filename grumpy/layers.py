@@ -8,13 +8,14 @@ the two unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from grumpy._util import check_dtype, check_positive_int, orthogonal_blocks, uniform_init
-from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
+from grumpy.kernels import ROUTES, Route, gru_sequence_backward, gru_sequence_forward
 
 # A kernel runs one direction of one layer over a sequence:
 #   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask, keep_cache, workspace) -> (out, h_last, cache or None)
@@ -22,19 +23,30 @@ from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 # where workspace is None or a dict the kernel may keep its large buffers in between
 # calls, and consume=True lets the backward overwrite the cache (usable once).
 ForwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, Any]]
-BackwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+BackwardKernel = Callable[..., tuple[np.ndarray | None, np.ndarray, dict[str, np.ndarray]]]
 
 _SUFFIXES = ("", "_reverse")
 
 
+def param_shapes(
+    input_size: int, hidden_size: int, num_layers: int, *, bidirectional: bool, bias: bool, num_gates: int = 3
+) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a stack's parameters in PyTorch's order (num_gates 3 for a GRU, 1 for a tanh RNN)."""
+    G, H, D = num_gates, hidden_size, 2 if bidirectional else 1
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(num_layers):
+        for suffix in _SUFFIXES[:D]:
+            shapes[f"weight_ih_l{layer}{suffix}"] = (G * H, input_size if layer == 0 else D * H)
+            shapes[f"weight_hh_l{layer}{suffix}"] = (G * H, H)
+            if bias:
+                shapes[f"bias_ih_l{layer}{suffix}"] = (G * H,)
+                shapes[f"bias_hh_l{layer}{suffix}"] = (G * H,)
+    return shapes
+
+
 def param_names(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
     """PyTorch's parameter names, in PyTorch's order."""
-    names = []
-    for layer in range(num_layers):
-        for suffix in _SUFFIXES[: 2 if bidirectional else 1]:
-            kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
-            names += [f"{k}_l{layer}{suffix}" for k in kinds]
-    return names
+    return list(param_shapes(1, 1, num_layers, bidirectional=bidirectional, bias=bias))
 
 
 class StackCache(NamedTuple):
@@ -65,7 +77,7 @@ def stack_forward(
     which the kernels keep buffers between calls; see :class:`RecurrentStack`.
     """
     D = 2 if bidirectional else 1
-    masks = list(dropout_masks) if dropout_masks is not None else [None] * num_layers
+    masks: list[np.ndarray | None] = list(dropout_masks) if dropout_masks is not None else [None] * num_layers
     masks[0] = None
     h_n = np.empty_like(h0)
     caches: list[list[Any]] = []
@@ -110,9 +122,10 @@ def stack_backward(
     H = d_output.shape[-1] // D
     grads: dict[str, np.ndarray] = {}
     dh0 = np.empty((num_layers * D,) + d_output.shape[1:2] + (H,), d_output.dtype)
-    d_out = d_output
+    d_out: np.ndarray | None = d_output
     for layer in reversed(range(num_layers)):
-        dx = None
+        assert d_out is not None  # only the first layer may skip its input gradient
+        dx: np.ndarray | None = None
         for d in range(D):
             sfx = f"_l{layer}{_SUFFIXES[d]}"
             dh_last = None if d_h_n is None else d_h_n[layer * D + d]
@@ -201,18 +214,8 @@ class RecurrentStack:
         return 2 if self.bidirectional else 1
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        G, H, D = self.num_gates, self.hidden_size, self.num_directions
-        shapes = {}
-        for name in param_names(self.num_layers, self.bidirectional, self.bias):
-            layer = int(name.split("_l")[1].split("_")[0])
-            in_size = self.input_size if layer == 0 else D * H
-            if name.startswith("weight_ih"):
-                shapes[name] = (G * H, in_size)
-            elif name.startswith("weight_hh"):
-                shapes[name] = (G * H, H)
-            else:
-                shapes[name] = (G * H,)
-        return shapes
+        return param_shapes(self.input_size, self.hidden_size, self.num_layers, bidirectional=self.bidirectional,
+                            bias=self.bias, num_gates=self.num_gates)
 
     def _init_params(self, init: str) -> dict[str, np.ndarray]:
         params = {}
@@ -258,12 +261,12 @@ class RecurrentStack:
         for g in self.grads.values():
             g.fill(0)
 
-    def train(self, mode: bool = True) -> "RecurrentStack":
+    def train(self, mode: bool = True) -> RecurrentStack:
         """Dropout on (training) or off (inference). Returns self."""
         self.training = bool(mode)
         return self
 
-    def eval(self) -> "RecurrentStack":
+    def eval(self) -> RecurrentStack:
         return self.train(False)
 
     # -- forward / backward -------------------------------------------------
@@ -305,7 +308,7 @@ class RecurrentStack:
         else:
             h0 = self._check_array("h0", h0, (LD, B, self.hidden_size), "(num_layers * D, B, H)")
         mask = None if lengths is None else lengths_mask(lengths, T, B, self.dtype)
-        drop = [None] * self.num_layers
+        drop: list[np.ndarray | None] = [None] * self.num_layers
         if self.training and self.dropout > 0:
             keep = 1.0 - self.dropout
             width = self.num_directions * self.hidden_size
@@ -408,6 +411,10 @@ class GRU(RecurrentStack):
     ``init="orthogonal"`` each (H, H) block of the recurrent weights is a random
     orthogonal matrix instead. ``seed`` seeds the generator used for
     initialisation and dropout, so runs are reproducible.
+
+    ``route``: None lets grumpy choose how each layer runs (the usual); one of
+    ``grumpy.kernels.ROUTES`` forces one, for tests and comparisons (see
+    :mod:`grumpy.kernels.route`).
     """
 
     num_gates = 3
@@ -426,15 +433,19 @@ class GRU(RecurrentStack):
         dtype: Any = np.float32,
         seed: int | None = None,
         init: str = "uniform",
+        route: str | Route | None = None,
     ) -> None:
         self.reset_after = bool(reset_after)
+        if not (route is None or isinstance(route, Route) or route in ROUTES):
+            raise ValueError(f"route: expected None or one of {', '.join(ROUTES)}, got {route!r}")
+        self.route = route
         super().__init__(
             input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
             dropout=dropout, bidirectional=bidirectional, dtype=dtype, seed=seed, init=init,
         )
 
     def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
-        return partial(gru_sequence_forward, reset_after=self.reset_after), gru_sequence_backward
+        return partial(gru_sequence_forward, reset_after=self.reset_after, route=self.route), gru_sequence_backward
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", reset_after={self.reset_after})"
@@ -450,12 +461,16 @@ def gru_forward(
     reset_after: bool = True,
     mask: np.ndarray | None = None,
     dropout_masks: Sequence[np.ndarray | None] | None = None,
+    route: str | Route | None = None,
 ) -> tuple[np.ndarray, np.ndarray, StackCache]:
     """The GRU stack as a pure function: time-major x (T, B, I), h0 (L*D, B, H)
-    -> output (T, B, D*H), h_n (L*D, B, H), cache for :func:`gru_backward`."""
-    fwd = partial(gru_sequence_forward, reset_after=reset_after)
-    return stack_forward(fwd, params, x, h0, num_layers=num_layers, bidirectional=bidirectional,
-                         mask=mask, dropout_masks=dropout_masks)
+    -> output (T, B, D*H), h_n (L*D, B, H), cache for :func:`gru_backward`.
+    ``route``: as for :class:`GRU`."""
+    fwd = partial(gru_sequence_forward, reset_after=reset_after, route=route)
+    out, h_n, cache = stack_forward(fwd, params, x, h0, num_layers=num_layers, bidirectional=bidirectional,
+                                    mask=mask, dropout_masks=dropout_masks)
+    assert cache is not None
+    return out, h_n, cache
 
 
 def gru_backward(
@@ -467,4 +482,6 @@ def gru_backward(
     """Backward of :func:`gru_forward` -> d_x (T, B, I), d_h0 (L*D, B, H), grads
     keyed as the parameters."""
     bias = any(k.startswith("bias") for k in params)
-    return stack_backward(gru_sequence_backward, params, cache, d_output, d_h_n, bias=bias)
+    dx, dh0, grads = stack_backward(gru_sequence_backward, params, cache, d_output, d_h_n, bias=bias)
+    assert dx is not None
+    return dx, dh0, grads

@@ -9,7 +9,8 @@ the parameter's name, which is what a checkpoint stores:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -212,8 +213,8 @@ def grad_norm(grads: Mapping[str, np.ndarray]) -> float:
     total = 0.0
     for g in grads.values():
         g64 = g.astype(np.float64, copy=False).ravel()
-        # not g64 @ g64: a BLAS dot would wake NumPy's BLAS threads, and their spinning
-        # beside MKL's made the training step 2.4x slower (see grumpy._blas)
+        # not g64 @ g64: a BLAS dot would wake NumPy's BLAS threads, whose spinning beside
+        # MKL's slows the training step (grumpy.kernels.blas, docs/benchmarks.md)
         total += float(np.square(g64).sum())
     return math.sqrt(total)
 

@@ -129,7 +129,7 @@ _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 def _mkl() -> _Mkl | None:
     global _MKL
     if _MKL is None:
-        from grumpy import _blas
+        from grumpy.kernels import blas as _blas
 
         try:
             _MKL = _Mkl(_blas.MKL) if _blas.MKL is not None else False
@@ -208,11 +208,11 @@ class QMatrix:
             # short rows (a layer's input, e.g. 65 one-hot characters): MKL's float32 product
             # on the quantized values, 2.3x faster than its bfloat16 product at K = 65 (which
             # suits long rows); exact for int8, the same float32 sums for bfloat16
-            from grumpy import _blas
+            from grumpy.kernels import blas as _blas
 
             _blas.matmul(aq, self.dense().T, out)
         elif mkl is not None:
-            from grumpy import _blas
+            from grumpy.kernels import blas as _blas
 
             a16 = np.empty((N, K), np.uint16)
             if nb is not None:
@@ -419,7 +419,7 @@ class _Cell:
     def _compiled_loop(self, nb: Any, mkl: _Mkl, B: int, mask: np.ndarray | None, T: int) -> Any:
         """The recurrent steps of a batch in one compiled call per chunk (MKL's packed
         product through a C pointer): the Python loop's calls, without Python between steps."""
-        from grumpy import _blas
+        from grumpy.kernels import blas as _blas
 
         H = self.H
         w = self.w_hh
@@ -450,7 +450,7 @@ class QuantizedGRU(StreamState):
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected 'int8' or 'bfloat16', got {precision!r}")
         if not isinstance(gru, GRU):
-            raise ValueError(f"quantize: expected a grumpy.GRU or a grumpy.model.CharModel, got {type(gru).__name__}")
+            raise ValueError(f"quantize: expected a grumpy.GRU or a character model, got {type(gru).__name__}")
         self.precision = precision
         self.input_size, self.hidden_size, self.num_layers = gru.input_size, gru.hidden_size, gru.num_layers
         self.bidirectional, self.batch_first, self.reset_after = gru.bidirectional, gru.batch_first, gru.reset_after
@@ -534,7 +534,7 @@ class QuantizedGRU(StreamState):
 
 
 class QuantizedCharModel(StreamState):
-    """An inference-only int8 or bfloat16 copy of a ``grumpy.model.CharModel``: the GRU
+    """An inference-only int8 or bfloat16 copy of a ``grumpy.lm.CharModel``: the GRU
     stack quantized, the embedding and output layer kept in float32.
 
     ``forward(idx, h0, lengths=)``: idx (T, B) ints -> logits (T, B, V), h_n (L, B, H).
@@ -574,7 +574,7 @@ class QuantizedCharModel(StreamState):
         return x
 
     def _logits(self, out: np.ndarray) -> np.ndarray:
-        from grumpy._blas import matmul
+        from grumpy.kernels.blas import matmul
 
         flat = out.reshape(-1, out.shape[-1])
         return (matmul(flat, self.head_weight.T) + self.head_bias).reshape(out.shape[:-1] + (-1,))
@@ -609,13 +609,14 @@ class QuantizedCharModel(StreamState):
 
 def quantize(obj: Any, precision: Precision) -> QuantizedGRU | QuantizedCharModel:
     """An inference-only int8 or bfloat16 copy of a ``grumpy.GRU`` or a
-    ``grumpy.model.CharModel`` (see the module docstring for what each computes)."""
+    ``grumpy.lm.CharModel`` (see the module docstring for what each computes)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected 'int8' or 'bfloat16', got {precision!r}")
     if isinstance(obj, GRU):
         return QuantizedGRU(obj, precision)
-    from grumpy.model import CharModel
-
-    if isinstance(obj, CharModel):
+    # A character model is recognised by what it has, not by importing grumpy.lm (the library
+    # imports nothing above it, docs/architecture.md): a GRU, a config and a head.
+    if isinstance(getattr(obj, "gru", None), GRU) and hasattr(obj, "config") and "head.weight" in getattr(
+            obj, "params", {}):
         return QuantizedCharModel(obj, precision)
-    raise ValueError(f"quantize: expected a grumpy.GRU or a grumpy.model.CharModel, got {type(obj).__name__}")
+    raise ValueError(f"quantize: expected a grumpy.GRU or a character model, got {type(obj).__name__}")

@@ -13,12 +13,13 @@ does for the GRU. Parameter names and shapes are those of ``torch.nn.RNN``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from grumpy._blas import column_sums, matmul
-from grumpy.kernels import state_views
+from grumpy.kernels.blas import column_sums, matmul
+from grumpy.kernels.common import state_views
 from grumpy.layers import BackwardKernel, ForwardKernel, RecurrentStack, StackCache, stack_backward, stack_forward
 
 
@@ -172,8 +173,10 @@ def rnn_forward(
 ) -> tuple[np.ndarray, np.ndarray, StackCache]:
     """The RNN stack as a pure function: time-major x (T, B, I), h0 (L*D, B, H)
     -> output (T, B, D*H), h_n (L*D, B, H), cache for :func:`rnn_backward`."""
-    return stack_forward(rnn_sequence_forward, params, x, h0, num_layers=num_layers,
-                         bidirectional=bidirectional, mask=mask, dropout_masks=dropout_masks)
+    out, h_n, cache = stack_forward(rnn_sequence_forward, params, x, h0, num_layers=num_layers,
+                                    bidirectional=bidirectional, mask=mask, dropout_masks=dropout_masks)
+    assert cache is not None
+    return out, h_n, cache
 
 
 def rnn_backward(
@@ -185,4 +188,6 @@ def rnn_backward(
     """Backward of :func:`rnn_forward` -> d_x (T, B, I), d_h0 (L*D, B, H), grads
     keyed as the parameters."""
     bias = any(k.startswith("bias") for k in params)
-    return stack_backward(rnn_sequence_backward, params, cache, d_output, d_h_n, bias=bias)
+    dx, dh0, grads = stack_backward(rnn_sequence_backward, params, cache, d_output, d_h_n, bias=bias)
+    assert dx is not None
+    return dx, dh0, grads

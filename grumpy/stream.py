@@ -90,9 +90,9 @@ class GRUStream(StreamState):
         ]
         self._compiled = False
         if self.dtype == np.float32 and self.reset_after:
-            from grumpy.kernels import _numba
+            from grumpy.kernels.route import compiled_kernels
 
-            self._compiled = _numba() is not None
+            self._compiled = compiled_kernels() is not None
 
     def step(self, x_t: np.ndarray, h: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One step of B streams: x_t (B, I), h (num_layers, B, H) -> (out_t (B, H), new h)."""
@@ -112,12 +112,14 @@ class GRUStream(StreamState):
             # one stream: grumpy's generation step (compiled matrix-vector products)
             return gru_step(x[0], h[0], w_ih, w_hh, b_ih, b_hh)[None]
         if self._compiled:  # the gate kernel of GRU.forward's inference path
-            from grumpy._blas import matmul
-            from grumpy.kernels import _biases, _numba
+            from grumpy.kernels.blas import matmul
+            from grumpy.kernels.common import biases
+            from grumpy.kernels.route import compiled_kernels
 
             gi, gh = matmul(x, w_ih.T), matmul(h, w_hh.T)
             out = np.empty_like(h)
-            _numba().gates_infer_serial(gi, gh, *_biases(b_ih, b_hh, self.hidden_size, self.dtype), h, out,
+            nb: Any = compiled_kernels()
+            nb.gates_infer_serial(gi, gh, *biases(b_ih, b_hh, self.hidden_size, self.dtype), h, out,
                                         np.empty(0, self.dtype))
             return out
         h_new, _ = gru_cell_forward(x, h, w_ih, w_hh, b_ih, b_hh, reset_after=self.reset_after)

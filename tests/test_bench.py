@@ -16,19 +16,19 @@ def test_bench_quick_table_and_json(tmp_path):
     out_json = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--quick", "--repeats", "1", "--sides", "grumpy,torch",
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--quick", "--repeats", "1", "--sides", "grumpy,composed,torch",
          "--json", str(out_json)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:6] == ["measure", "H", "B", "grumpy tok/s", "torch tok/s", "JAX tok/s"]
+    assert header[:7] == ["measure", "H", "B", "grumpy tok/s", "composed tok/s", "torch tok/s", "JAX tok/s"]
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:] if ln.startswith("| ")]
     assert {r[0] for r in rows} == {"train", "infer", "gen"}
     assert all(len(r) == len(header) for r in rows)
     res = json.loads(out_json.read_text())
-    assert "grumpy" in res["sides"] and "torch" in res["sides"]
+    assert {"grumpy", "composed", "torch"} <= set(res["sides"])
     for p in res["points"]:
         assert not p["error"], p["error"]
         for side in res["sides"]:

@@ -1,4 +1,4 @@
-"""grumpy._blas: MKL's products against NumPy's, every layout the kernels pass, and
+"""grumpy.kernels.blas: MKL's products against NumPy's, every layout the kernels pass, and
 the kernels with MKL against the kernels without it."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import grumpy.kernels as K
-from grumpy import _blas
-from grumpy._blas import matmul
+from grumpy.kernels import blas as _blas
+from grumpy.kernels.blas import matmul
 from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 
 needs_mkl = pytest.mark.skipif(_blas.MKL is None, reason="MKL not installed (or GRUMPY_MKL=0)")
@@ -150,7 +150,7 @@ def test_kernels_with_and_without_mkl_agree(monkeypatch: pytest.MonkeyPatch, B: 
 
 
 def test_grumpy_mkl_0_switches_it_off() -> None:
-    code = "from grumpy import _blas; print(_blas.MKL is None)"
+    code = "from grumpy.kernels import blas; print(blas.MKL is None)"
     env = {**os.environ, "GRUMPY_MKL": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
@@ -189,9 +189,8 @@ def test_run_each_returns_in_order_raises_and_restores_threads():
     assert _blas.cores() == before
 
 
-@needs_mkl
 @pytest.mark.parametrize("B", [64, 67, 129])
-def test_shared_inference_matches_training_forward(monkeypatch, B):
+def test_shared_inference_matches_training_forward(B):
     # Rows never meet in a GRU: sharing them among threads changes nothing but where
     # the input projections are rounded (step by step), with even and uneven shares,
     # reversed and masked.
@@ -203,13 +202,13 @@ def test_shared_inference_matches_training_forward(monkeypatch, B):
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     h0 = rng.standard_normal((B, H)).astype(np.float32)
     mask = (rng.random((T, B, 1)) > 0.3).astype(np.float32)
-    monkeypatch.setattr(K, "SHARE_MIN_ROWS", 16)
-    monkeypatch.setattr(_blas, "cores", lambda: 3)
-    assert K._shares(B) is not None
+    edges = [B * i // 3 for i in range(4)]
+    shared = K.Route("shared", shares=tuple(zip(edges[:-1], edges[1:])))  # three shares, even or not
     for reverse in (False, True):
         for m in (None, mask):
             want = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m)
-            got = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m, keep_cache=False)
+            got = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m, keep_cache=False,
+                                         route=shared)
             np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=2e-7)
             np.testing.assert_allclose(got[1], want[1], rtol=2e-6, atol=2e-7)
 
@@ -222,7 +221,7 @@ def test_run_each_works_in_a_forked_child():
     assert _blas.run_each([lambda: 1, lambda: 2]) == [1, 2]  # the parent's pool exists
     code = (
         "import os, sys\n"
-        "from grumpy import _blas\n"
+        "from grumpy.kernels import blas as _blas\n"
         "_blas.run_each([lambda: 1, lambda: 2])\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"

@@ -4,34 +4,34 @@ overwrites the forward's; none of that may change a result or leak between calls
 import numpy as np
 import pytest
 
-import grumpy.kernels as K
 from grumpy import GRU
 from grumpy.layers import gru_backward, gru_forward
 
 
-def grads_fresh(params, x, h0, d_out):
+def grads_fresh(params, x, h0, d_out, route=None):
     """The pure functions: fresh buffers, nothing reused."""
-    out, h_n, cache = gru_forward(params, x, h0)
+    out, h_n, cache = gru_forward(params, x, h0, route=route)
     dx, dh0, g = gru_backward(params, cache, d_out)
     return out, h_n, dx, dh0, g
 
 
-@pytest.mark.parametrize("branch", ["loop", "per-step", "per-step-no-mkl"])
+@pytest.mark.parametrize("branch", ["loop", "packed", "steps", "steps-no-mkl"])
 def test_reused_buffers_give_the_same_results_as_fresh_ones(monkeypatch, branch):
-    if branch == "per-step-no-mkl":
-        from grumpy import _blas
+    from grumpy.kernels import blas as _blas
 
+    if branch == "packed" and _blas.MKL is None:
+        pytest.skip("the packed route needs MKL")
+    if branch == "steps-no-mkl":
         monkeypatch.setattr(_blas, "MKL", None)
-    if branch.startswith("per-step"):
-        monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
+    route = branch.removesuffix("-no-mkl")
     rng = np.random.default_rng(0)
-    gru = GRU(5, 7, seed=0)
+    gru = GRU(5, 7, seed=0, route=route)
     # different lengths and batch sizes in turn: buffers are replaced when shapes change
     for T, B in [(6, 3), (6, 3), (4, 2), (6, 3)]:
         x = rng.standard_normal((T, B, 5)).astype(np.float32)
         h0 = rng.standard_normal((1, B, 7)).astype(np.float32)
         d_out = rng.standard_normal((T, B, 7)).astype(np.float32)
-        want_out, want_hn, want_dx, want_dh0, want_g = grads_fresh(gru.params, x, h0, d_out)
+        want_out, want_hn, want_dx, want_dh0, want_g = grads_fresh(gru.params, x, h0, d_out, route)
         out, h_n = gru.forward(x, h0)
         np.testing.assert_array_equal(out, want_out)
         np.testing.assert_array_equal(h_n, want_hn)
@@ -94,7 +94,7 @@ def test_input_grad_false_skips_dx_only(cls_kw):
 
 
 def test_char_model_second_backward_raises_before_touching_gradients():
-    from grumpy.model import CharModel, ModelConfig
+    from grumpy.lm.model import CharModel, ModelConfig
 
     model = CharModel(ModelConfig(vocab_size=7, hidden_size=6, num_layers=1, embedding_dim=3), seed=0)
     logits, _ = model.forward(np.random.default_rng(0).integers(0, 7, (4, 2)))

@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("safetensors")
 
-from grumpy import checkpoint  # noqa: E402
-from grumpy.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
-from grumpy.model import CharModel, ModelConfig  # noqa: E402
+from grumpy.lm import checkpoint  # noqa: E402
+from grumpy.lm.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from grumpy.lm.model import CharModel, ModelConfig  # noqa: E402
 from grumpy.optim import Adam  # noqa: E402
 
 VOCAB = "abcdefg\n "

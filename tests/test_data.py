@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from grumpy.data import (
+from grumpy.lm.data import (
     StreamBatcher,
     Vocab,
     decode_utf8,

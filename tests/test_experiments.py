@@ -62,14 +62,6 @@ def test_stepwise_state_gradients_agree_with_the_whole_sequence_backward(kind):
     np.testing.assert_allclose(norms[0], np.linalg.norm(dh0), rtol=1e-10)
 
 
-def test_adam_minimises_a_quadratic():
-    p = {"w": np.zeros(3)}
-    opt = ex._Adam(p, lr=0.1)
-    for _ in range(500):
-        opt.step({"w": 2 * (p["w"] - np.array([1.0, -2.0, 3.0]))})
-    np.testing.assert_allclose(p["w"], [1.0, -2.0, 3.0], atol=1e-2)
-
-
 def run(name: str, out, capsys) -> dict:
     assert main(["experiment", name, "--quick", "--seed", "0", "--out", str(out)]) == 0
     capsys.readouterr()

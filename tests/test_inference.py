@@ -12,7 +12,7 @@ import pytest
 
 import grumpy.kernels as K
 from grumpy import GRU, RNN
-from grumpy.model import CharModel, ModelConfig
+from grumpy.lm.model import CharModel, ModelConfig
 
 
 def both(gru, x, h0, lengths=None):
@@ -32,35 +32,42 @@ def assert_same(want, got, dtype):
             np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-7)
 
 
+SMALL_CHUNKS = 3 * 4 * 6 * 3 * 2  # a few steps per chunk of input projections
+ROUTES = {
+    "default": None,
+    "loop": K.Route("loop"),
+    "loop-parallel": K.Route("loop", parallel=True),
+    "packed": K.Route("packed", chunk_bytes=SMALL_CHUNKS),
+    "steps": K.Route("steps", chunk_bytes=SMALL_CHUNKS),
+    "steps-no-mkl": K.Route("steps", chunk_bytes=SMALL_CHUNKS),  # the loop where MKL is not installed
+    "steps-parallel": K.Route("steps", parallel=True, chunk_bytes=SMALL_CHUNKS),  # gate kernels on all cores
+    "shared": K.Route("shared", shares=((0, 1), (1, 3))),  # the batch's rows shared among threads, unevenly
+}
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("branch", ["default", "per-step", "per-step-no-mkl", "per-step-parallel", "shared"])
+@pytest.mark.parametrize("branch", list(ROUTES))
 def test_inference_matches_training_forward(monkeypatch, dtype, reset_after, bidirectional, masked, branch):
-    if branch == "shared":  # the batch's rows shared among threads, unevenly (1 and 2 rows)
-        from grumpy import _blas
+    from grumpy.kernels import blas as _blas
 
-        if _blas.MKL is None:
-            pytest.skip("the shared path needs MKL")
-        monkeypatch.setattr(K, "SHARE_MIN_ROWS", 1)
-        monkeypatch.setattr(_blas, "cores", lambda: 2)
-    if branch == "per-step-no-mkl":  # the Python time loop that runs where MKL is not installed
-        from grumpy import _blas
-
+    route = ROUTES[branch] if K.use_compiled(dtype, reset_after) else None  # else the NumPy route only
+    if route is not None and route.kind == "packed" and _blas.MKL is None:
+        pytest.skip("the route needs MKL")
+    if branch == "steps-no-mkl":
         monkeypatch.setattr(_blas, "MKL", None)
-    if branch == "per-step-parallel":  # the gate kernels that use all cores, at any size
-        monkeypatch.setattr(K, "PARALLEL_MIN", 0)
-    if branch.startswith("per-step"):
-        monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
-        monkeypatch.setattr(K, "_INFER_CHUNK_BYTES", 3 * 4 * 6 * 3 * 2)  # a few steps per chunk
     rng = np.random.default_rng(0)
     T, B, I, H = 11, 3, 5, 6
     gru = GRU(I, H, num_layers=2, bidirectional=bidirectional, reset_after=reset_after, dtype=dtype, seed=1)
     x = rng.standard_normal((T, B, I)).astype(dtype)
     h0 = rng.standard_normal((2 * (1 + bidirectional), B, H)).astype(dtype)
     lengths = np.array([T, 4, 1]) if masked else None
-    want, got = both(gru, x, h0, lengths)
+    gru.route = None if route is not None and route.kind == "shared" else route  # training cannot share
+    want = gru.forward(x, h0, lengths=lengths)
+    gru.route = route
+    got = gru.forward(x, h0, lengths=lengths, grad=False)
     assert_same(want, got, dtype)
 
 
@@ -69,7 +76,7 @@ def test_compiled_inference_branch_at_size(B):
     """Large enough that the per-step compiled inference path runs without patching."""
     pytest.importorskip("numba")
     H = 512 if B == 1 else 256
-    assert B * H * 3 * H > K.LOOP_MAX_MACS
+    assert B * H * 3 * H > K.route.LOOP_MAX_MACS
     rng = np.random.default_rng(1)
     gru = GRU(7, H, dtype=np.float32, seed=2)
     x = rng.standard_normal((5, B, 7)).astype(np.float32)
@@ -122,7 +129,7 @@ def test_char_model_stepper_matches_step(embedding_dim):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nll_equals_cross_entropy_and_is_stable(dtype):
-    from grumpy.model import cross_entropy, nll
+    from grumpy.lm.model import cross_entropy, nll
 
     rng = np.random.default_rng(4)
     logits = (5 * rng.standard_normal((7, 3, 11))).astype(dtype)

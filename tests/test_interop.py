@@ -28,7 +28,7 @@ def randomise(gru: GRU, seed: int) -> GRU:
 
 def test_import_grumpy_stays_numpy_only():
     code = (
-        "import sys, grumpy, grumpy.interop, grumpy.onnx_export, grumpy.cli; grumpy.cli.build_parser(); "
+        "import sys, grumpy, grumpy.interop, grumpy.interop.onnx, grumpy.cli; grumpy.cli.build_parser(); "
         "print(sorted(m for m in ('torch', 'keras', 'onnx', 'onnxruntime', 'safetensors') if m in sys.modules))"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

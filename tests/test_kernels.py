@@ -96,7 +96,7 @@ def test_float32_agrees_with_float64():
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_model_step_matches_forward(embedding_dim, reset_after, dtype):
-    from grumpy.model import CharModel, ModelConfig
+    from grumpy.lm.model import CharModel, ModelConfig
 
     m = CharModel(ModelConfig(vocab_size=7, hidden_size=6, num_layers=2, embedding_dim=embedding_dim,
                               reset_after=reset_after, dtype=dtype), seed=0).eval()

@@ -36,31 +36,73 @@ def problem(rng, T=9, B=3, I=5, H=6, masked=False):
     return p
 
 
-def run(p, reverse):
+COMPILED = {  # every compiled route, forced at a small size
+    "loop": K.Route("loop"),
+    "loop-parallel": K.Route("loop", parallel=True),
+    "packed": K.Route("packed"),
+    "steps": K.Route("steps"),
+    "steps-parallel": K.Route("steps", parallel=True),
+}
+
+
+def needs(route):
+    from grumpy.kernels import blas
+
+    if route is not None and route.kind == "packed" and blas.MKL is None:
+        pytest.skip("the route needs MKL")
+    return route
+
+
+def run(p, reverse, route=None):
     out, hl, cache = K.gru_sequence_forward(
-        p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], reverse=reverse, mask=p["mask"])
+        p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], reverse=reverse, mask=p["mask"],
+        route=route)
     dx, dh0, g = K.gru_sequence_backward(p["d_out"], p["d_hl"], cache, p["w_ih"], p["w_hh"])
     return [out, hl, dx, dh0] + [g[k] for k in sorted(g)]
 
 
-@pytest.mark.parametrize("branch", ["loop", "per-step", "per-step-parallel"])
+@pytest.mark.parametrize("branch", list(COMPILED))
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_compiled_matches_numpy_path(monkeypatch, branch, reverse, masked):
+def test_compiled_matches_numpy_path(branch, reverse, masked):
     p = problem(np.random.default_rng(3), masked=masked)
-    monkeypatch.setattr(K, "_NB", False)  # the NumPy path, also in float32
-    assert not K.use_compiled(np.float32, True)
-    want = run(p, reverse)
-    monkeypatch.setattr(K, "_NB", None)
-    assert K.use_compiled(np.float32, True)
-    if branch != "loop":
-        monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
-    if branch == "per-step-parallel":
-        monkeypatch.setattr(K, "PARALLEL_MIN", 1)
-    got = run(p, reverse)
+    want = run(p, reverse, "numpy")  # the NumPy route, also in float32
+    got = run(p, reverse, needs(COMPILED[branch]))
     for a, b in zip(got, want):
         assert a.dtype == np.float32
         assert rel(a, b) < 2e-6
+
+
+@pytest.mark.parametrize("route", [None, "numpy", *K.ROUTES[1:]])
+@pytest.mark.parametrize("B", [1, 3])
+def test_every_route_matches_the_reference_cell(route, B):
+    """Each route, chosen explicitly, against GRUCell's arithmetic stepped by hand in float64."""
+    from grumpy.kernels import blas
+
+    if route == "packed" and blas.MKL is None:
+        pytest.skip("the route needs MKL")
+    p = problem(np.random.default_rng(11), T=7, B=B, H=10, masked=True)
+    out, hl, _ = K.gru_sequence_forward(p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], mask=p["mask"],
+                                        keep_cache=route != "shared", route=route)
+    w = [p[k].astype(np.float64) for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
+    h = p["h0"].astype(np.float64)
+    for t in range(7):
+        h_new, _ = gru_cell_forward(p["x"][t].astype(np.float64), h, *w)
+        m = p["mask"][t]
+        h = m * h_new + (1 - m) * h
+        assert rel(out[t], m * h) < 2e-6
+    assert rel(hl, h) < 2e-6
+
+
+def test_an_impossible_route_is_a_clear_error():
+    p = problem(np.random.default_rng(12))
+    with pytest.raises(ValueError, match="route: expected one of"):
+        run(p, False, "fastest")
+    with pytest.raises(ValueError, match="route 'shared': inference only"):
+        run(p, False, "shared")
+    x64 = {k: (v.astype(np.float64) if v is not None else None) for k, v in p.items()}
+    with pytest.raises(ValueError, match="route 'loop': needs numba, float32"):
+        run(x64, False, "loop")
 
 
 def test_compiled_forward_matches_float64_reference_cell():
@@ -73,7 +115,7 @@ def test_compiled_forward_matches_float64_reference_cell():
         assert rel(out[t], h) < 1e-6
 
 
-@pytest.mark.parametrize("H", [7, K.STEP_BLAS_MIN])
+@pytest.mark.parametrize("H", [7, K.route.STEP_BLAS_MIN])
 def test_gru_step_matches_reference_cell(H):
     rng = np.random.default_rng(5)
     p = problem(rng, T=1, B=1, I=11, H=H)
@@ -89,20 +131,17 @@ def test_gru_step_matches_reference_cell(H):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_compiled_single_stream_per_step_matches_numpy_path(monkeypatch, reverse):
-    # B = 1 on the per-step branch uses the parallel row-wise matrix-vector kernel.
+def test_compiled_single_stream_per_step_matches_numpy_path(reverse):
+    # B = 1 on the steps route takes W_hh h on W_hh's rows.
     p = problem(np.random.default_rng(6), B=1, H=9, masked=True)
-    monkeypatch.setattr(K, "_NB", False)
-    want = run(p, reverse)
-    monkeypatch.setattr(K, "_NB", None)
-    monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
-    got = run(p, reverse)
+    want = run(p, reverse, "numpy")
+    got = run(p, reverse, "steps")
     for a, b in zip(got, want):
         assert rel(a, b) < 2e-6
 
 
 def test_compiled_tanh_and_sigmoid_are_accurate_bounded_and_keep_nan():
-    from grumpy import _nbkernels as nb
+    from grumpy.kernels import nb
     from numba import njit
 
     @njit
@@ -121,27 +160,23 @@ def test_compiled_tanh_and_sigmoid_are_accurate_bounded_and_keep_nan():
     assert np.isnan(t[0]) and np.isnan(s[0])
 
 
-@pytest.mark.parametrize("branch", ["loop", "per-step", "per-step-parallel"])
-def test_compiled_path_propagates_nan(monkeypatch, branch):
+@pytest.mark.parametrize("branch", list(COMPILED))
+def test_compiled_path_propagates_nan(branch):
     # A diverging run must show up as NaN, as it does in PyTorch, not as plausible numbers.
-    if branch != "loop":
-        monkeypatch.setattr(K, "LOOP_MAX_MACS", 0)
-    if branch == "per-step-parallel":
-        monkeypatch.setattr(K, "PARALLEL_MIN", 1)
     p = problem(np.random.default_rng(0))
     p["x"][4, 1, 2] = np.nan
-    out = run(p, reverse=False)[0]
+    out = run(p, False, needs(COMPILED[branch]))[0]
     assert np.isnan(out[4:, 1]).all() and np.isfinite(out[:4]).all() and np.isfinite(out[:, [0, 2]]).all()
 
 
-@pytest.mark.parametrize("H", [1, 7, 64, K.STEP_BLAS_MIN])
+@pytest.mark.parametrize("H", [1, 7, 64, K.route.STEP_BLAS_MIN])
 @pytest.mark.parametrize("bias", [True, False])
 def test_prepared_step_matches_reference_cell(H, bias):
     rng = np.random.default_rng(8)
     p = problem(rng, T=1, B=1, I=11, H=H)  # I=11: the four-at-a-time loops' remainder runs too
     b_ih, b_hh = (p["b_ih"], p["b_hh"]) if bias else (None, None)
     step = K.GRUStep(p["w_ih"], p["w_hh"], b_ih, b_hh)
-    assert step._fast == (H < K.STEP_BLAS_MIN)
+    assert step._fast == (H < K.route.STEP_BLAS_MIN)
     x, h = p["x"][0, 0], p["h0"][0]
     w = [p[k].astype(np.float64) for k in ("w_ih", "w_hh")]
     bw = [b.astype(np.float64) if b is not None else None for b in (b_ih, b_hh)]
@@ -177,7 +212,7 @@ def test_serial_and_parallel_kernels_never_share_a_cache_entry(tmp_path):
     pytest.importorskip("numba")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), GRUMPY_MKL="0")
     first = (
-        "import numpy as np; from grumpy import _nbkernels as K\n"
+        "import numpy as np; from grumpy.kernels import nb as K\n"
         "g = np.zeros((2, 12), np.float32); h = np.zeros((2, 4), np.float32); m = np.empty(0, np.float32)\n"
         "b = np.zeros(12, np.float32)\n"
         "K.gates_forward_parallel(g, g.copy(), b, b, h, h.copy(), h.copy(), m)\n"

@@ -1,20 +1,18 @@
 """ONNX export: onnxruntime running the exported graph must agree with grumpy."""
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 
 from grumpy import GRU
-from grumpy.model import CharModel, ModelConfig
+from grumpy.lm.model import CharModel, ModelConfig
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from grumpy import cli  # noqa: E402
-from grumpy.onnx_export import export_char_model, export_gru  # noqa: E402
+from grumpy.interop.onnx import export_char_model, export_gru  # noqa: E402
 
 TOL = 1e-5
 
@@ -199,7 +197,7 @@ def test_export_bad_input(tmp_path):
     m = char_model(0, 1, True)
     with pytest.raises(ValueError, match=r"vocab: expected 14 strings .* got 3 items"):
         export_char_model(m, vocab="abc")
-    with pytest.raises(ValueError, match="expected a grumpy.model.CharModel, got GRU"):
+    with pytest.raises(ValueError, match="expected a grumpy.lm.model.CharModel, got GRU"):
         export_char_model(g)
 
 
@@ -214,7 +212,7 @@ def test_float64_export_is_valid_onnx():
 
 @pytest.fixture
 def fake_checkpoints(monkeypatch):
-    """Stand-in for grumpy.checkpoint.load_model: 'good.ckpt' loads, anything else is refused."""
+    """Stand-in for grumpy.lm.checkpoint.load_model: 'good.ckpt' loads, anything else is refused."""
     m = char_model(8, 2, True, seed=2)
 
     def load_model(path):
@@ -222,9 +220,9 @@ def fake_checkpoints(monkeypatch):
             return m, {"vocab": VOCAB}
         raise ValueError(f"{path} is not a grumpy checkpoint")
 
-    mod = types.ModuleType("grumpy.checkpoint")
-    mod.load_model = load_model
-    monkeypatch.setitem(sys.modules, "grumpy.checkpoint", mod)
+    from grumpy.cli import export
+
+    monkeypatch.setattr(export, "load_model", load_model)
     return m
 
 
@@ -255,8 +253,8 @@ def test_cli_export(tmp_path, capsys, fake_checkpoints):
 
 
 def test_cli_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
-    """Through the real checkpoint loader (skipped until grumpy.checkpoint exists)."""
-    pytest.importorskip("grumpy.checkpoint")
+    """Through the real checkpoint loader (skipped until grumpy.lm.checkpoint exists)."""
+    pytest.importorskip("grumpy.lm.checkpoint")
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(b"\x00" * 64)
     assert cli.main(["export", str(bogus), str(tmp_path / "m.onnx")]) == 2

@@ -14,7 +14,7 @@ import pytest
 
 import grumpy
 from grumpy import GRU
-from grumpy.model import CharModel, ModelConfig
+from grumpy.lm.model import CharModel, ModelConfig
 
 # the module (grumpy.quantize, the attribute, is the function)
 Q = importlib.import_module("grumpy.quantize")
@@ -244,7 +244,7 @@ def test_errors():
     g = make()
     with pytest.raises(ValueError, match="precision: expected 'int8' or 'bfloat16', got 'int4'"):
         grumpy.quantize(g, "int4")
-    with pytest.raises(ValueError, match="expected a grumpy.GRU or a grumpy.model.CharModel, got RNN"):
+    with pytest.raises(ValueError, match="expected a grumpy.GRU or a character model, got RNN"):
         grumpy.quantize(grumpy.RNN(3, 4), "int8")
     q = grumpy.quantize(make(bidirectional=True), "int8")
     with pytest.raises(ValueError, match="bidirectional GRU cannot stream"):
@@ -263,7 +263,7 @@ def test_errors():
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("embedding_dim", [8, 0])
 def test_char_model(precision, embedding_dim):
-    from grumpy.train import estimate_loss, sample
+    from grumpy.lm import estimate_loss, sample
 
     cfg = ModelConfig(vocab_size=14, hidden_size=24, num_layers=2, embedding_dim=embedding_dim)
     m = CharModel(cfg, seed=0).eval()

@@ -9,93 +9,16 @@ checked against torch.nn.GRU in the reset_after=True case.
 import numpy as np
 import pytest
 
-from gru_helpers import GRID, grid_id, make_problem, rel_err
+from gru_helpers import GRID, grid_id, make_problem, rel_err, torch_errors, torch_loop_gru, torch_nn_gru
 
 torch = pytest.importorskip("torch")
 
 TOL = {np.float64: 1e-9, np.float32: 1e-4}
 
 
-def torch_loop_gru(params, x, h0, lengths, *, num_layers, bidirectional, reset_after):
-    """The GRU equations step by step in torch: x (T, B, I), h0 (L*D, B, H)."""
-    T, B, _ = x.shape
-    D = 2 if bidirectional else 1
-    mask = None
-    if lengths is not None:
-        mask = (torch.arange(T)[:, None] < torch.as_tensor(lengths)[None, :]).to(x.dtype)[..., None]
-    inp, h_n = x, []
-    for layer in range(num_layers):
-        outs = []
-        for d in range(D):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            W_ir, W_iz, W_in = params["weight_ih" + sfx].chunk(3)
-            W_hr, W_hz, W_hn = params["weight_hh" + sfx].chunk(3)
-            zero = torch.zeros(W_ir.shape[0], dtype=x.dtype)
-            b_ir, b_iz, b_in = params["bias_ih" + sfx].chunk(3) if "bias_ih" + sfx in params else (zero,) * 3
-            b_hr, b_hz, b_hn = params["bias_hh" + sfx].chunk(3) if "bias_hh" + sfx in params else (zero,) * 3
-            h = h0[layer * D + d]
-            out = [None] * T
-            for t in (range(T - 1, -1, -1) if d else range(T)):
-                xt = inp[t]
-                r = torch.sigmoid(xt @ W_ir.T + b_ir + h @ W_hr.T + b_hr)
-                z = torch.sigmoid(xt @ W_iz.T + b_iz + h @ W_hz.T + b_hz)
-                if reset_after:
-                    n = torch.tanh(xt @ W_in.T + b_in + r * (h @ W_hn.T + b_hn))
-                else:
-                    n = torch.tanh(xt @ W_in.T + b_in + (r * h) @ W_hn.T + b_hn)
-                h_new = (1 - z) * n + z * h
-                if mask is not None:
-                    h_new = mask[t] * h_new + (1 - mask[t]) * h
-                    out[t] = mask[t] * h_new
-                else:
-                    out[t] = h_new
-                h = h_new
-            outs.append(torch.stack(out))
-            h_n.append(h)
-        inp = torch.cat(outs, -1)
-    return inp, torch.stack(h_n)
-
-
-def torch_nn_gru(params, x, h0, lengths, *, num_layers, bidirectional, bias):
-    I, H = x.shape[-1], h0.shape[-1]
-    m = torch.nn.GRU(I, H, num_layers, bias=bias, bidirectional=bidirectional).to(x.dtype)
-    m.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
-    if lengths is None:
-        out, h_n = m(x, h0)
-    else:
-        packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.as_tensor(lengths), enforce_sorted=False)
-        out, h_n = m(packed, h0)
-        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=x.shape[0])
-    return out, h_n, dict(m.named_parameters())
-
-
 def compare(cfg, dtype, reference):
-    gru, x, h0, lengths, w_out, w_hn = make_problem(**cfg, T=5, B=4, I=3, H=4, dtype=dtype, seed=7)
-    out, h_n = gru.forward(x, h0, lengths=lengths)
-    dx, dh0 = gru.backward(w_out, w_hn)
-
-    bf = cfg["batch_first"]
-    xt = torch.tensor(x.transpose(1, 0, 2) if bf else x, requires_grad=True)
-    ht = torch.tensor(h0, requires_grad=True)
-    kw = dict(num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"])
-    if reference == "nn.GRU":
-        o, hn, tparams = torch_nn_gru(gru.state_dict(), xt, ht, lengths, bias=cfg["bias"], **kw)
-    else:
-        tparams = {k: torch.tensor(v, requires_grad=True) for k, v in gru.state_dict().items()}
-        o, hn = torch_loop_gru(tparams, xt, ht, lengths, reset_after=cfg["reset_after"], **kw)
-    wo = torch.tensor(w_out.transpose(1, 0, 2) if bf else w_out)
-    ((o * wo).sum() + (hn * torch.tensor(w_hn)).sum()).backward()
-
-    o = o.detach().numpy()
-    tol = TOL[dtype]
-    assert rel_err(out, o.transpose(1, 0, 2) if bf else o) < tol
-    assert rel_err(h_n, hn.detach().numpy()) < tol
-    tdx = xt.grad.numpy()
-    assert rel_err(dx, tdx.transpose(1, 0, 2) if bf else tdx) < tol
-    assert rel_err(dh0, ht.grad.numpy()) < tol
-    assert set(gru.grads) == set(tparams)
-    for k, p in tparams.items():
-        assert rel_err(gru.grads[k], p.grad.numpy()) < tol, k
+    for name, err in torch_errors(cfg, dtype, reference).items():
+        assert err < TOL[dtype], name
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])

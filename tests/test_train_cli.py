@@ -12,11 +12,11 @@ import pytest
 
 pytest.importorskip("safetensors")
 
-import grumpy.train as gtrain  # noqa: E402
-from grumpy.checkpoint import load_checkpoint, load_model  # noqa: E402
+import grumpy.lm.loop as gtrain  # noqa: E402
+from grumpy.lm.checkpoint import load_checkpoint, load_model  # noqa: E402
 from grumpy.cli import main  # noqa: E402
-from grumpy.data import Vocab  # noqa: E402
-from grumpy.train import TrainConfig, estimate_loss, evaluate, sample, train  # noqa: E402
+from grumpy.lm.data import Vocab  # noqa: E402
+from grumpy.lm import TrainConfig, estimate_loss, evaluate, sample, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden-size", "8", "--num-layers", "2", "--embedding-dim", "4", "--batch-size", "4", "--seq-len", "8",
@@ -410,3 +410,13 @@ def test_blas_threads_limit():
         assert all(i["num_threads"] == 1 for i in blas)
     with gtrain.blas_threads(None):
         pass
+
+
+def test_old_import_path_still_works_for_one_release():
+    import importlib
+    import sys
+
+    sys.modules.pop("grumpy.train", None)
+    with pytest.warns(DeprecationWarning, match="grumpy.lm"):
+        old = importlib.import_module("grumpy.train")
+    assert old.train is train and old.sample is sample and old.evaluate is evaluate

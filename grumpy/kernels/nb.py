@@ -12,7 +12,8 @@ on |x| ≤ 9 (beyond which float32 tanh rounds to ±1), fitted for grumpy to a
 maximum relative error of 3.3e-7 (at most 6 ulp) in float32. float64 never
 comes here: it keeps NumPy's correctly rounded tanh.
 
-Imported lazily by :mod:`grumpy.kernels`, so ``import grumpy`` needs NumPy only.
+Imported lazily (:func:`grumpy.kernels.route.compiled_kernels`), so ``import grumpy``
+needs NumPy only.
 """
 
 from __future__ import annotations
@@ -22,12 +23,18 @@ import types
 import numpy as np
 from numba import njit, prange
 
+from grumpy.kernels.blas import NO_TRANS as _NT
+from grumpy.kernels.blas import PACKED as _PK
+from grumpy.kernels.blas import ROW_MAJOR as _RM
+from grumpy.kernels.blas import TRANS as _TR
+
 _P0, _P1, _P2, _P3, _P4 = (np.float32(c) for c in (9.99999992e-01, 1.33968640e-01, 3.51427694e-03,
                                                     2.09118331e-05, 1.37653380e-08))
 _Q1, _Q2, _Q3, _Q4 = (np.float32(c) for c in (4.67301883e-01, 2.59483958e-02, 3.31599052e-04, 7.94650036e-07))
 _LIM = np.float32(9.0)
 _HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
 
 
 # fastmath without 'nnan'/'ninf': LLVM may reassociate and fuse, but may not assume
@@ -36,7 +43,7 @@ _FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
-def tanh32(x):  # type: ignore[no-untyped-def]
+def tanh32(x):
     # Selects, not min/max (they vectorise); written so that NaN, which compares
     # false, passes through instead of being clamped to a finite value.
     x = _LIM if x > _LIM else x
@@ -51,49 +58,66 @@ def tanh32(x):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
-def sigm32(x):  # type: ignore[no-untyped-def]
+def sigm32(x):
     return _HALF + _HALF * tanh32(_HALF * x)
 
 
 @njit(inline="always", cache=True)
-def planes(v):  # type: ignore[no-untyped-def]
+def planes(v):
     """v (3H,) -> its r, z and n parts, three 1-d views."""
     H = v.shape[0] // 3
     return v[:H], v[H : 2 * H], v[2 * H :]
 
 
-def _gates_forward(g, gh, bih, bhh, hp, ho, hn, m):  # type: ignore[no-untyped-def]
+@njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
+def gates(a_ir, a_iz, a_in, a_hr, a_hz, a_hn):
+    """The README's equations for one unit, from the pre-activations
+    a_i* = W_i* x + b_i* (input side) and a_h* = W_h* h + b_h* (hidden side):
+    r = σ(a_ir + a_hr), z = σ(a_iz + a_hz), n = tanh(a_in + r a_hn)."""
+    r = sigm32(a_ir + a_hr)
+    z = sigm32(a_iz + a_hz)
+    n = tanh32(a_in + r * a_hn)
+    return r, z, n
+
+
+@njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
+def blend(z, n, h, m):
+    """The new state h' = (1 − z) n + z h, written n + z (h − n) (the same in exact
+    arithmetic, one multiply fewer), kept at h where the mask m is 0 (padding):
+    h + m (h' − h)."""
+    return h + m * ((n + z * (h - n)) - h)
+
+
+def _gates_forward(g, gh, bih, bhh, hp, ho, hn, m):
     """One step's gate math, fused and in place: g (B, 3H) holds the input projections
     W_ih x (without b_ih) on entry and [r, z, n] on exit; gh (B, 3H) = h W_hh^T; bih,
     bhh (3H,) the biases; hp (B, H) the state in -> ho (B, H) the state out; hn (B, H)
     = W_hn h + b_hn; m (B,) the mask (1 valid, 0 padding) or (0,) for none.
 
     b_ih is added here rather than over the whole (T, B, 3H) projection, a pass that
-    read and wrote 157 MB at T=100, B=128, H=1024.
+    read and wrote T·B·3H floats.
 
     Each row is cut into its r, z, n planes before the loop: with one 1-d view per
-    operand LLVM vectorises the single fused loop; indexing g[b, H + j] instead
-    measured 2-3x slower."""
+    operand LLVM vectorises the single fused loop, which indexing g[b, H + j] does not
+    (docs/benchmarks.md, "How grumpy is fast", has the figures behind these kernels)."""
     B, H = hp.shape
     masked = m.shape[0] > 0
-    c_r, c_z, c_n = planes(bih)
-    b_r, b_z, b_n = planes(bhh)
+    b_ir, b_iz, b_in = planes(bih)
+    b_hr, b_hz, b_hn = planes(bhh)
     for b in prange(B):
         mb = m[b] if masked else _ONE
         g_r, g_z, g_n = planes(g[b])
         h_r, h_z, h_n = planes(gh[b])
         hpb, hob, hnb = hp[b], ho[b], hn[b]
         for j in range(H):
-            r = sigm32(g_r[j] + c_r[j] + h_r[j] + b_r[j])
-            z = sigm32(g_z[j] + c_z[j] + h_z[j] + b_z[j])
-            a = h_n[j] + b_n[j]
-            n = tanh32(g_n[j] + c_n[j] + r * a)
-            g_r[j], g_z[j], g_n[j], hnb[j] = r, z, n, a
-            h = hpb[j]
-            hob[j] = h + mb * ((n + z * (h - n)) - h)
+            a_hn = h_n[j] + b_hn[j]
+            r, z, n = gates(g_r[j] + b_ir[j], g_z[j] + b_iz[j], g_n[j] + b_in[j],
+                            h_r[j] + b_hr[j], h_z[j] + b_hz[j], a_hn)
+            g_r[j], g_z[j], g_n[j], hnb[j] = r, z, n, a_hn
+            hob[j] = blend(z, n, hpb[j], mb)
 
 
-def _gates_backward(do, hp, g, hn, m, dh):  # type: ignore[no-untyped-def]
+def _gates_backward(do, hp, g, hn, m, dh):
     """One step backward, fused and in place: do (B, H) the output's gradient; dh (B, H)
     dL/dh' in, replaced by the direct part of dL/dh (through z and padding); g (B, 3H)
     [r, z, n] in, replaced by [da_r, da_z, r ⊙ da_n] (the hidden side); hn (B, H) in,
@@ -117,29 +141,26 @@ def _gates_backward(do, hp, g, hn, m, dh):  # type: ignore[no-untyped-def]
             dhb[j] = (tot - dm) + dm * z
 
 
-def _gates_infer(g, gh, bih, bhh, hp, ho, m):  # type: ignore[no-untyped-def]
+def _gates_infer(g, gh, bih, bhh, hp, ho, m):
     """:func:`_gates_forward` for inference: only the new state is written (the gates
-    and W_hn h are not kept), 15-45% faster (B=128, H=256 and H=64). g holds the input
-    projections without b_ih, which is added here: a separate pass setting or adding
-    the bias cost 28 of 318 us per step (64 rows, H=256)."""
+    and W_hn h are not kept), so less memory is written. g holds the input projections
+    without b_ih, which is added here rather than in a separate pass."""
     B, H = hp.shape
     masked = m.shape[0] > 0
-    c_r, c_z, c_n = planes(bih)
-    b_r, b_z, b_n = planes(bhh)
+    b_ir, b_iz, b_in = planes(bih)
+    b_hr, b_hz, b_hn = planes(bhh)
     for b in prange(B):
         mb = m[b] if masked else _ONE
         g_r, g_z, g_n = planes(g[b])
         h_r, h_z, h_n = planes(gh[b])
         hpb, hob = hp[b], ho[b]
         for j in range(H):
-            r = sigm32(g_r[j] + c_r[j] + h_r[j] + b_r[j])
-            z = sigm32(g_z[j] + c_z[j] + h_z[j] + b_z[j])
-            n = tanh32(g_n[j] + c_n[j] + r * (h_n[j] + b_n[j]))
-            h = hpb[j]
-            hob[j] = h + mb * ((n + z * (h - n)) - h)
+            r, z, n = gates(g_r[j] + b_ir[j], g_z[j] + b_iz[j], g_n[j] + b_in[j],
+                            h_r[j] + b_hr[j], h_z[j] + b_hz[j], h_n[j] + b_hn[j])
+            hob[j] = blend(z, n, hpb[j], mb)
 
 
-def _named(f, suffix):  # type: ignore[no-untyped-def]
+def _named(f, suffix):
     """A copy of f named f + suffix. numba names its cache files after the function and
     keys them by signature, not by options: a serial and a parallel compilation of one
     function shared one entry, so one could load the other's code (a parallel kernel
@@ -150,44 +171,87 @@ def _named(f, suffix):  # type: ignore[no-untyped-def]
     return g
 
 
-gates_forward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_forward, "_serial"))
-gates_forward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
-    _named(_gates_forward, "_parallel"))
-gates_infer_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_infer, "_serial"))
-gates_infer_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
-    _named(_gates_infer, "_parallel"))
-gates_backward_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates_backward, "_serial"))
-gates_backward_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(
-    _named(_gates_backward, "_parallel"))
+def _variants(f):
+    """f compiled three ways: serial, parallel (called from Python), and parallel for
+    the compiled loops. The last is not cached on its own: a loop cached in one process
+    that had called a parallel kernel loaded from another process's cache crashed the
+    next process that loaded the loop (numba links the parallel kernel's code into
+    the loop; tests/test_kernels_compiled.py reproduces the sequence)."""
+    return (njit(fastmath=_FM, error_model="numpy", cache=True)(_named(f, "_serial")),
+            njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(_named(f, "_parallel")),
+            njit(fastmath=_FM, error_model="numpy", cache=False, parallel=True)(_named(f, "_parallel_in_loop")))
 
 
-@njit(fastmath=_FM, error_model="numpy", cache=True)
-def forward_loop(gates, whh_t, bih, bhh, hs, hn_all, mask, reverse, gh):  # type: ignore[no-untyped-def]
-    """The whole time loop, for small sizes (see :func:`_gates_forward` for the arrays;
-    mask (T, B) or (T, 0)); hs (T+1, B, H) holds h0 on entry, gates the input projections."""
-    T = gates.shape[0]
+gates_forward_serial, gates_forward_parallel, _gates_forward_in_loop = _variants(_gates_forward)
+gates_infer_serial, gates_infer_parallel, _gates_infer_in_loop = _variants(_gates_infer)
+gates_backward_serial, gates_backward_parallel, _gates_backward_in_loop = _variants(_gates_backward)
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
+def forward_loop(sgemm, x, wih, gates, whh, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):
+    """The whole time loop for the batch rows b0:b1 (see :func:`_gates_forward` for the
+    arrays; mask (T, B) or (T, 0)); hs (T+1, B, H) holds h0 on entry.
+
+    ``sgemm`` is NumPy's own cblas_sgemm (64-bit integers, :data:`grumpy.kernels.blas.SGEMM`);
+    whh and wih the (3H, H) and (3H, I) weights as they are: gh = h W_hh^T (for one row,
+    W_hh h on W_hh's contiguous rows). ``wih`` empty (0, 0): gates (T, B, 3H) hold the
+    input projections. Else (inference, one share of a batch) x (T, B, I) times W_ih^T is
+    computed step by step into gates (1, b1-b0, 3H) while the rows are in cache. An empty
+    hn_all (0, B, H) means inference (:func:`_gates_infer`). The gate kernels add ``bih``;
+    ``parallel`` picks the ones that use all cores. No GIL: one thread per core can run a
+    share of the rows through the whole sequence (the rows of a GRU batch never meet)."""
+    T = hs.shape[0] - 1
+    H = hs.shape[2]
+    G = 3 * H
+    I = x.shape[2]
+    n = b1 - b0
+    keep = hn_all.shape[0] > 0
+    stepwise = wih.shape[0] > 0
     for step in range(T):
         t = T - 1 - step if reverse else step
         ip = t + 1 if reverse else t
         io = t if reverse else t + 1
-        np.dot(hs[ip], whh_t, gh)
-        gates_forward_serial(gates[t], gh, bih, bhh, hs[ip], hs[io], hn_all[t], mask[t])
+        g = gates[0] if stepwise else gates[t, b0:b1]
+        if stepwise:
+            sgemm(_RM, _NT, _TR, n, G, I, _ONE, x[t, b0:b1].ctypes.data, I, wih.ctypes.data, I, _ZERO,
+                  g.ctypes.data, G)
+        hp, ho, m = hs[ip, b0:b1], hs[io, b0:b1], mask[t, b0:b1]
+        if n == 1:
+            sgemm(_RM, _NT, _NT, G, 1, H, _ONE, whh.ctypes.data, H, hp.ctypes.data, 1, _ZERO, gh.ctypes.data, 1)
+        else:
+            sgemm(_RM, _NT, _TR, n, G, H, _ONE, hp.ctypes.data, H, whh.ctypes.data, H, _ZERO, gh.ctypes.data, G)
+        if keep and parallel:
+            _gates_forward_in_loop(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
+        elif keep:
+            gates_forward_serial(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
+        elif parallel:
+            _gates_infer_in_loop(g, gh, bih, bhh, hp, ho, m)
+        else:
+            gates_infer_serial(g, gh, bih, bhh, hp, ho, m)
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def backward_loop(d_output, hs, gates, hn_all, mask, reverse, whh, dh, dhh):  # type: ignore[no-untyped-def]
-    """The whole backward time loop, for small sizes; dh (B, H) enters as dL/dh_last
-    and leaves as dL/dh0; gates and hn_all are replaced as in :func:`_gates_backward`."""
-    T = d_output.shape[0]
+def backward_loop(sgemm, d_output, hs, gates, hn_all, mask, reverse, whh, dh, parallel):
+    """The whole backward time loop; dh (B, H) enters as dL/dh_last and leaves as
+    dL/dh0; gates and hn_all are replaced as in :func:`_gates_backward`; dh += dgh W_hh
+    through ``sgemm`` as in :func:`forward_loop`."""
+    T, B, G = gates.shape
+    H = G // 3
     for step in range(T):
         t = step if reverse else T - 1 - step
         ip = t + 1 if reverse else t
-        gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
-        np.dot(gates[t], whh, dhh)
-        dh += dhh
+        if parallel:
+            _gates_backward_in_loop(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+        else:
+            gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+        g = gates[t]
+        if B == 1:  # dh^T += W_hh^T dgh^T, reading W_hh's rows in order
+            sgemm(_RM, _TR, _NT, H, 1, G, _ONE, whh.ctypes.data, H, g.ctypes.data, 1, _ONE, dh.ctypes.data, 1)
+        else:
+            sgemm(_RM, _NT, _NT, B, H, G, _ONE, g.ctypes.data, G, whh.ctypes.data, H, _ONE, dh.ctypes.data, H)
 
 
-def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):  # type: ignore[no-untyped-def]
+def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):
     """One step for one stream: x (I,), h (H,) -> out (H,). Matrix-vector products
     row by row (contiguous, vectorised), the gates fused in the same pass."""
     H = h.shape[0]
@@ -207,10 +271,8 @@ def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):  # type: ignore[no-untyped-def]
             ar += w_hh[j, k] * hk
             az += w_hh[H + j, k] * hk
             hn += w_hh[2 * H + j, k] * hk
-        r = sigm32(ar)
-        z = sigm32(az)
-        n = tanh32(an + r * hn)
-        out[j] = n + z * (h[j] - n)
+        r, z, n = gates(ar, az, an, _ZERO, _ZERO, hn)  # ar, az hold both sides' sums
+        out[j] = blend(z, n, h[j], _ONE)
 
 
 step_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_step)
@@ -218,22 +280,23 @@ step_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_step)
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def step_gates(gi, gh, b_ih, b_hh, h, out):  # type: ignore[no-untyped-def]
+def step_gates(gi, gh, b_ih, b_hh, h, out):
     """The gate math of one step for one stream, given gi = W_ih x and gh = W_hh h (3H,)."""
-    H = h.shape[0]
-    for j in range(H):
-        r = sigm32(gi[j] + b_ih[j] + gh[j] + b_hh[j])
-        z = sigm32(gi[H + j] + b_ih[H + j] + gh[H + j] + b_hh[H + j])
-        n = tanh32(gi[2 * H + j] + b_ih[2 * H + j] + r * (gh[2 * H + j] + b_hh[2 * H + j]))
-        out[j] = n + z * (h[j] - n)
+    a_ir, a_iz, a_in = planes(gi)
+    a_hr, a_hz, a_hn = planes(gh)
+    b_ir, b_iz, b_in = planes(b_ih)
+    b_hr, b_hz, b_hn = planes(b_hh)
+    for j in range(h.shape[0]):
+        r, z, n = gates(a_ir[j] + b_ir[j], a_iz[j] + b_iz[j], a_in[j] + b_in[j],
+                        a_hr[j] + b_hr[j], a_hz[j] + b_hz[j], a_hn[j] + b_hn[j])
+        out[j] = blend(z, n, h[j], _ONE)
 
 
 @njit(cache=True)
-def transpose(a, out):  # type: ignore[no-untyped-def]
-    """out (C, R) = a (R, C) transposed, in 16 x 16 tiles: at (3072, 1024) float32
-    measured 4.9 ms against 17.6 ms for NumPy's strided copy. Serial: a parallel
-    version took 2.5 ms alone but milliseconds more beside BLAS's spinning threads,
-    and its start-up cost dominated small matrices."""
+def transpose(a, out):
+    """out (C, R) = a (R, C) transposed, in 16 x 16 tiles (cache-friendly, unlike NumPy's
+    strided copy). Serial: a parallel version lost beside BLAS's spinning threads, and
+    its start-up cost dominated small matrices."""
     R, C = a.shape
     for j0 in range((C + 15) // 16):
         for i0 in range(0, R, 16):
@@ -243,11 +306,11 @@ def transpose(a, out):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):  # type: ignore[no-untyped-def]
+def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):
     """One step for one stream from transposed weights: x (I,), h (H,), wih_t (I, 3H),
     whh_t (H, 3H), acc (2, 3H) scratch -> out (H,). The products are sums of weight
     rows scaled by x_k and h_k, four at a time: long contiguous loops with no
-    reductions, 2.3x faster than row dot products (:func:`step_serial`) at H=256."""
+    reductions, which vectorise better than row dot products (:func:`step_serial`)."""
     H = h.shape[0]
     gi, gh = acc[0], acc[1]
     gi[:] = b_ih
@@ -266,19 +329,17 @@ def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):  # type: ignore[n
             for j in range(3 * H):
                 a[j] += vk * wk[j]
             k += 1
-    gi_r, gi_z, gi_n = gi[:H], gi[H : 2 * H], gi[2 * H :]
-    gh_r, gh_z, gh_n = gh[:H], gh[H : 2 * H], gh[2 * H :]
+    a_ir, a_iz, a_in = planes(gi)  # the biases are in already
+    a_hr, a_hz, a_hn = planes(gh)
     for j in range(H):
-        r = sigm32(gi_r[j] + gh_r[j])
-        z = sigm32(gi_z[j] + gh_z[j])
-        n = tanh32(gi_n[j] + r * gh_n[j])
-        out[j] = n + z * (h[j] - n)
+        r, z, n = gates(a_ir[j], a_iz[j], a_in[j], a_hr[j], a_hz[j], a_hn[j])
+        out[j] = blend(z, n, h[j], _ONE)
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def shift_rows(z, out, m):  # type: ignore[no-untyped-def]
+def shift_rows(z, out, m):
     """z (N, V) -> m (N,) the row maxima, out (N, V) = z - m: the first pass of log-sum-exp.
-    NumPy's reductions along short rows (V = 65) cost 0.7 ms at N = 12800; this 0.1."""
+    NumPy's reductions along short rows (V = 65) cost most of the loss's time."""
     N, V = z.shape
     for i in range(N):
         zi, oi = z[i], out[i]
@@ -291,7 +352,7 @@ def shift_rows(z, out, m):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def row_sums(e, s):  # type: ignore[no-untyped-def]
+def row_sums(e, s):
     """s (N,) = e (N, V) summed along its rows."""
     N, V = e.shape
     for i in range(N):
@@ -302,19 +363,18 @@ def row_sums(e, s):  # type: ignore[no-untyped-def]
         s[i] = acc
 
 
-# The time loops with MKL's packed product (grumpy._blas): ``gemm`` is
+# The time loops with MKL's packed product (grumpy.kernels.blas): ``gemm`` is
 # cblas_sgemm_compute (a C function pointer: numba calls it directly, and caches the
-# loop), ``wh``/``wi`` the addresses of the packed weights. No Python between steps: at
-# B=32, H=256 the Python loop spent about 8 of 100 us per step in calls. The forward
+# loop), ``wh``/``wi`` the addresses of the packed weights. No Python between steps:
+# at small sizes the calls of a Python loop are a good part of a step. The forward
 # loop runs the batch rows b0:b1 only and releases the GIL, so that one thread per core
 # can run a share of the batch through the whole sequence, with no synchronisation per
 # step (the rows of a GRU batch never meet). Slicing rows inside keeps the arrays
 # contiguous for numba; a strided view passed in compiled to unvectorised gate loops.
-_RM, _NT, _PK = 101, 111, 151
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
-def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):  # type: ignore[no-untyped-def]
+def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):
     """:func:`forward_loop` for rows b0:b1 with gh = h @ W_hh^T from the packed W_hh.
 
     ``wi`` 0: gates (T, B, 3H) hold the input projections W_ih x. Else (inference)
@@ -338,17 +398,17 @@ def forward_loop_packed(gemm, wh, wi, x, gates, bih, bhh, hs, hn_all, mask, reve
         hp, ho, m = hs[ip, b0:b1], hs[io, b0:b1], mask[t, b0:b1]
         gemm(_RM, _NT, _PK, n, G, H, hp.ctypes.data, H, wh, H, np.float32(0.0), gh.ctypes.data, G)
         if keep and parallel:
-            gates_forward_parallel(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
+            _gates_forward_in_loop(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
         elif keep:
             gates_forward_serial(g, gh, bih, bhh, hp, ho, hn_all[t, b0:b1], m)
         elif parallel:
-            gates_infer_parallel(g, gh, bih, bhh, hp, ho, m)
+            _gates_infer_in_loop(g, gh, bih, bhh, hp, ho, m)
         else:
             gates_infer_serial(g, gh, bih, bhh, hp, ho, m)
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel):  # type: ignore[no-untyped-def]
+def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh, parallel):
     """:func:`backward_loop` with dh += dgh @ W_hh from the packed W_hh."""
     T, B, G = gates.shape
     H = dh.shape[1]
@@ -356,7 +416,7 @@ def backward_loop_packed(gemm, w, d_output, hs, gates, hn_all, mask, reverse, dh
         t = step if reverse else T - 1 - step
         ip = t + 1 if reverse else t
         if parallel:
-            gates_backward_parallel(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
+            _gates_backward_in_loop(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
         else:
             gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
         gemm(_RM, _NT, _PK, B, H, G, gates[t].ctypes.data, G, w, G, np.float32(1.0), dh.ctypes.data, H)

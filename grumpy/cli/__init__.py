@@ -1,22 +1,23 @@
 """The ``grumpy`` command: a thin argparse front end over plain functions.
 
-Each subcommand is registered by the module that implements it, through a
-``register(subparsers)`` function that adds its parser and sets ``func``.
+One module per subcommand (``train`` also holds ``sample`` and ``eval``), each with
+a ``register(subparsers)`` that adds its parser and sets ``func``. The library
+raises ValueError for bad input; here, and only here, it becomes a one-line
+message and exit code 2. Nothing in the package imports this one.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
-
-
-class UsageError(Exception):
-    """A bad argument or input file: reported as one line, exit code 2."""
+from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
     from grumpy import __version__
+
+    # Imported here so that `import grumpy` stays NumPy-only and fast.
+    from grumpy.cli import bench, experiment, export, train
 
     parser = argparse.ArgumentParser(
         prog="grumpy",
@@ -25,16 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"grumpy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for register in _registrars():
-        register(sub)
+    for module in (train, export, experiment, bench):
+        module.register(sub)
     return parser
-
-
-def _registrars():  # type: ignore[no-untyped-def]
-    # Imported here so that `import grumpy` stays NumPy-only and fast.
-    from grumpy import bench, experiments, onnx_export, train
-
-    return [train.register, onnx_export.register, experiments.register, bench.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
+    except ValueError as e:
         print(f"grumpy {args.command}: error: {e}", file=sys.stderr)
         return 2
 

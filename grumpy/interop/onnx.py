@@ -22,10 +22,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from grumpy.interop.gates import swap_rz
 from grumpy.layers import GRU
 
 OPSET = 17  # widely supported; 15 is the least this graph needs (Shape with start/end)
@@ -39,12 +41,6 @@ def _onnx() -> Any:
     except ImportError as e:
         raise ImportError("ONNX export needs the 'onnx' package: pip install 'grumpy[interop]'") from e
     return onnx
-
-
-def _swap_rz(a: np.ndarray, axis: int) -> np.ndarray:
-    """Gate blocks (r, z, n) -> (z, r, h) along ``axis``: ONNX's order."""
-    r, z, n = np.split(a, 3, axis=axis)
-    return np.concatenate([z, r, n], axis=axis)
 
 
 class _Graph:
@@ -78,8 +74,8 @@ def _gru_stack(g: _Graph, gru: GRU, params: dict[str, np.ndarray], prefix: str, 
     for layer in range(gru.num_layers):
         p = f"{prefix}l{layer}."
 
-        def stacked(kind: str) -> np.ndarray:
-            return np.stack([_swap_rz(params[f"{kind}_l{layer}{s}"], 0) for s in sfxs])
+        def stacked(kind: str, layer: int = layer) -> np.ndarray:
+            return np.stack([swap_rz(params[f"{kind}_l{layer}{s}"], 0) for s in sfxs])
 
         W = g.weight(p + "W", stacked("weight_ih"))  # (D, 3H, in)
         R = g.weight(p + "R", stacked("weight_hh"))  # (D, 3H, H)
@@ -212,7 +208,8 @@ def export_gru(
     h0 = _state_input(g, "h0", x, LD, H)
     lens = _lengths_input(g, "sequence_lens", x)
     y, h_n = _gru_stack(g, gru, gru.params, "gru.", x, h0, lens)
-    g.node("Transpose" if gru.batch_first else "Identity", [y], ["y"], **({"perm": [1, 0, 2]} if gru.batch_first else {}))
+    g.node("Transpose" if gru.batch_first else "Identity", [y], ["y"],
+           **({"perm": [1, 0, 2]} if gru.batch_first else {}))
     g.node("Identity", [h_n], ["h_n"])
     T_B = ["B", "T"] if gru.batch_first else ["T", "B"]
     et = getattr(onnx.TensorProto, _ONNX_DTYPES[dt])
@@ -243,7 +240,7 @@ def export_char_model(
     dtype: Any = np.float32,
     opset: int = OPSET,
 ) -> Any:
-    """Export a ``grumpy.model.CharModel`` (inference: no dropout) as ONNX; returns
+    """Export a ``grumpy.lm.model.CharModel`` (inference: no dropout) as ONNX; returns
     the ``onnx.ModelProto`` and writes it to ``path`` unless that is None.
 
     Inputs: ``input_ids`` int64 (T, B); ``h0`` (L, B, H), optional (zeros when
@@ -257,10 +254,10 @@ def export_char_model(
     is under ``grumpy.config``.
     """
     onnx = _onnx()
-    from grumpy.model import CharModel
+    from grumpy.lm.model import CharModel
 
     if not isinstance(model, CharModel):
-        raise ValueError(f"export_char_model: expected a grumpy.model.CharModel, got {type(model).__name__}")
+        raise ValueError(f"export_char_model: expected a grumpy.lm.model.CharModel, got {type(model).__name__}")
     c = model.config
     V, L, H = c.vocab_size, c.num_layers, c.hidden_size
     if vocab is not None:
@@ -305,55 +302,3 @@ def export_char_model(
     onnx_model = _finish(g, "grumpy_char_model", doc, inputs, outputs, meta, opset)
     _save(onnx_model, path)
     return onnx_model
-
-
-# -- the `grumpy export` command ------------------------------------------------
-
-def _run_export(args: Any) -> int:
-    from grumpy.cli import UsageError
-
-    try:
-        from grumpy.checkpoint import load_model
-    except ImportError as e:
-        raise UsageError(f"cannot load checkpoints in this build ({e})") from e
-    try:
-        _onnx()
-    except ImportError as e:
-        raise UsageError(str(e)) from e
-    if os.path.exists(args.out) and not args.force:
-        raise UsageError(f"{args.out} exists; pass --force to overwrite it")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"OUT.onnx: folder {folder} does not exist")
-    try:
-        model, meta = load_model(args.checkpoint)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load checkpoint {args.checkpoint!r}: {e}") from e
-    vocab = meta.get("vocab") if isinstance(meta, dict) else None
-    if vocab is None:
-        raise UsageError(f"checkpoint {args.checkpoint!r} has no vocabulary; cannot export a decodable model")
-    try:
-        export_char_model(model, args.out, vocab=vocab, opset=args.opset)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    c = model.config
-    print(
-        f"wrote {args.out}: {c.num_layers}-layer GRU (hidden {c.hidden_size}, "
-        f"reset_after={c.reset_after}, linear_before_reset={int(c.reset_after)}), vocabulary of {c.vocab_size}"
-    )
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="write a trained character model as an ONNX graph",
-        description="Write a grumpy checkpoint's character model as ONNX (GRU operators, float32). "
-        "Inputs input_ids (T, B) and optional h0; outputs logits and h_n. The vocabulary is in the "
-        "model's metadata under 'grumpy.vocab'.",
-    )
-    p.add_argument("checkpoint", help="a checkpoint written by grumpy train")
-    p.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
-    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset version (default {OPSET})")
-    p.add_argument("--force", action="store_true", help="overwrite OUT.onnx if it exists")
-    p.set_defaults(func=_run_export)

@@ -13,50 +13,20 @@ optimiser that updates them in place updates the model.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from grumpy._blas import column_sums, matmul
-from grumpy._util import check_dtype, check_positive_int
-from grumpy.kernels import GRUStep, _numba, gru_step
-from grumpy.layers import GRU
+from grumpy._util import check_dtype
+from grumpy.kernels import GRUStep, gru_step
+from grumpy.kernels.blas import column_sums, matmul
+from grumpy.kernels.route import compiled_kernels
+from grumpy.layers import GRU, param_shapes
+from grumpy.lm.config import ModelConfig
 
-
-@dataclass
-class ModelConfig:
-    """Everything that fixes the model's architecture (JSON round-trips via to_dict/from_dict)."""
-
-    vocab_size: int
-    hidden_size: int = 256
-    num_layers: int = 2
-    embedding_dim: int = 64  # 0: feed one-hot vectors straight into the GRU, as seed 004 does
-    dropout: float = 0.0
-    reset_after: bool = True
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        check_positive_int("vocab_size", self.vocab_size)
-        check_positive_int("hidden_size", self.hidden_size)
-        check_positive_int("num_layers", self.num_layers)
-        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim < 0:
-            raise ValueError(f"embedding_dim: expected an integer >= 0, got {self.embedding_dim!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
-        check_dtype(self.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"model config: unknown keys {sorted(unknown)}")
-        return cls(**d)
+LN2 = math.log(2.0)  # nats per bit
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -70,13 +40,13 @@ def nll(logits: np.ndarray, targets: np.ndarray, *, reduction: str = "mean") -> 
     targets (...) ints -> the mean (or, with reduction="sum", the sum), in float64.
 
     log-sum-exp minus the target's logit: no (N, V) log-softmax array is built
-    (0.6 of 3.2 ms saved at N=12800, V=65)."""
+    (docs/benchmarks.md)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     t = targets.reshape(-1)
-    nb = _numba()
+    nb = compiled_kernels()
     if nb is not None and z.dtype == np.float32 and z.size:
         # the row reductions compiled (NumPy's along short rows cost most of the time)
         m = np.empty(z.shape[0], z.dtype)
@@ -108,6 +78,14 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nd
     return loss, d.reshape(logits.shape)
 
 
+def model_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every parameter of the model ``c`` describes, in ``params``' order."""
+    V, H, E = c.vocab_size, c.hidden_size, c.embedding_dim
+    gru = param_shapes(E or V, H, c.num_layers, bidirectional=False, bias=True)
+    return {**({"embedding.weight": (V, E)} if E else {}), **{"gru." + k: s for k, s in gru.items()},
+            "head.weight": (V, H), "head.bias": (V,)}
+
+
 class CharModel:
     """Embedding (or one-hot) -> GRU stack -> linear head, with hand-written backward.
 
@@ -126,12 +104,13 @@ class CharModel:
             in_size, c.hidden_size, c.num_layers, dropout=c.dropout, reset_after=c.reset_after,
             dtype=self.dtype, seed=int(rng.integers(2**63)),
         )
+        shapes = model_shapes(c)
         own: dict[str, np.ndarray] = {}
         if c.embedding_dim:
-            own["embedding.weight"] = rng.standard_normal((c.vocab_size, c.embedding_dim)).astype(self.dtype)
+            own["embedding.weight"] = rng.standard_normal(shapes["embedding.weight"]).astype(self.dtype)
         k = 1.0 / np.sqrt(c.hidden_size)
-        own["head.weight"] = rng.uniform(-k, k, (c.vocab_size, c.hidden_size)).astype(self.dtype)
-        own["head.bias"] = rng.uniform(-k, k, (c.vocab_size,)).astype(self.dtype)
+        for name in ("head.weight", "head.bias"):
+            own[name] = rng.uniform(-k, k, shapes[name]).astype(self.dtype)
         self._own = own
         self._own_grads = {n: np.zeros_like(v) for n, v in own.items()}
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
@@ -177,11 +156,11 @@ class CharModel:
         for g in self.grads.values():
             g.fill(0)
 
-    def train(self, mode: bool = True) -> "CharModel":
+    def train(self, mode: bool = True) -> CharModel:
         self.gru.train(mode)
         return self
 
-    def eval(self) -> "CharModel":
+    def eval(self) -> CharModel:
         return self.train(False)
 
     def init_state(self, batch_size: int) -> np.ndarray:
@@ -275,12 +254,6 @@ class CharModel:
             return matmul(p["head.weight"], x) + p["head.bias"], h_new
 
         return step
-
-    def loss(self, idx: np.ndarray, targets: np.ndarray, h0: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-        """Forward and mean cross-entropy (nats/char) without a backward: (loss, h_n)."""
-        logits, h_n = self.forward(idx, h0)
-        loss, _ = cross_entropy(logits, targets)
-        return loss, h_n
 
 
 def sample_next(

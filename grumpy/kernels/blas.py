@@ -4,22 +4,18 @@ Each step of a GRU multiplies a small (B, H) state by the same (H, 3H) weights.
 A BLAS call packs the weights into its internal layout on every call; at
 B = 32 that repacking costs about as much as the arithmetic. MKL can pack a
 matrix once and reuse it (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``,
-:class:`Packed`), which measured 1.3-1.9x faster than NumPy's OpenBLAS on these
-products (128 x 1024 x 3072: 260 against 176-202 GFLOP/s; 32 x 256 x 768:
-203-210 against 108-120; two cores).
+:class:`Packed`), which is faster than NumPy's OpenBLAS on these products.
 
 Once MKL is used, every other float32 product must use it too (:func:`matmul`):
-after a call each library's worker threads keep spinning for a while, and
-OpenBLAS's and MKL's spinning side by side on two cores made a sequence at
-B = 32, H = 256 2.3x slower than either alone.
+after a call each library's worker threads keep spinning for a while, and two
+libraries spinning side by side on two cores starve each other.
 
 The thread pools are why sizes are split three ways. NumPy's OpenBLAS runs
 products under 2^18 multiply-adds on the calling thread (its own threshold), so
-those stay with NumPy, whose call also costs less (17 against 21 us for
-100 x 64 x 65). MKL takes everything larger, on one thread up to
-:data:`MKL_PARALLEL_MIN` (a few microseconds slower than on two, but no pool to
-wake and leave spinning) and on all of them above. So NumPy's pool is never
-woken, whatever the size.
+those stay with NumPy, whose call also costs less. MKL takes everything larger,
+on one thread up to :data:`MKL_PARALLEL_MIN` (no pool to wake and leave
+spinning) and on all of them above. So NumPy's pool is never woken, whatever
+the size. The measurements are in docs/benchmarks.md, "How grumpy is fast".
 
 MKL comes from the ``mkl`` wheel (x86-64), found through its package metadata
 and called through ctypes. Without it, or with ``GRUMPY_MKL=0``, :func:`packed`
@@ -33,13 +29,16 @@ import ctypes
 import os
 import threading
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
-_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
+# CBLAS's enumerations (cblas.h), also passed by the compiled loops of grumpy.kernels.nb.
+ROW_MAJOR, NO_TRANS, TRANS, PACKED, B_MATRIX = 101, 111, 112, 151, 162
 _F32 = np.dtype(np.float32)
+_i, _l, _p = ctypes.c_int, ctypes.c_int64, ctypes.c_size_t  # C int, 64-bit integer, address
 
 
 def _load() -> Any:
@@ -51,7 +50,7 @@ def _load() -> Any:
 
         dist = md.distribution("mkl")
         rt = [f for f in dist.files or () if f.name.startswith("libmkl_rt.so") or f.name.startswith("mkl_rt")]
-        lib = ctypes.CDLL(str(dist.locate_file(rt[0]).resolve()))
+        lib = ctypes.CDLL(os.path.realpath(str(dist.locate_file(rt[0]))))
         i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
         lib.cblas_sgemm.restype = None
         lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
@@ -77,17 +76,61 @@ MKL: Any = _load()
 # compiled loops can take as an argument and call (and still be cached), or None.
 COMPUTE: Any = None
 if MKL is not None:
-    _i, _p = ctypes.c_int, ctypes.c_size_t
     COMPUTE = ctypes.CFUNCTYPE(None, _i, _i, _i, _i, _i, _i, _p, _i, _p, _i, ctypes.c_float, _p, _i)(
-        ctypes.cast(MKL.cblas_sgemm_compute, ctypes.c_void_p).value)
+        ctypes.cast(MKL.cblas_sgemm_compute, ctypes.c_void_p).value or 0)
+
+
+class NumpyBLAS(NamedTuple):
+    """What grumpy calls of the BLAS NumPy itself uses (ctypes functions; None where absent)."""
+
+    sgemm: Any  # cblas_sgemm (64-bit integers) as a C function pointer the compiled loops can call
+    get_threads: Any  # () -> the threads its calls use
+    set_threads_local: Any  # (n) -> the calling thread's previous count
+
+
+def _numpy_blas() -> NumpyBLAS | None:
+    """The BLAS NumPy itself uses, or None where it cannot be found.
+
+    NumPy's wheels ship OpenBLAS with 64-bit integers and (NumPy 2) a ``scipy_``
+    prefix. Loading the library NumPy has loaded gives the same library, so grumpy's
+    loops and the caller's own ``a @ b`` share one thread pool instead of competing."""
+    import glob
+
+    here = os.path.dirname(np.__file__)
+    paths = [p for d in (os.path.join(here, os.pardir, "numpy.libs"), os.path.join(here, ".dylibs"))
+             for p in sorted(glob.glob(os.path.join(d, "*openblas*")))]
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_", ""):
+            fn = getattr(lib, prefix + "cblas_sgemm64_", None)
+            if fn is None:
+                continue
+            get = getattr(lib, prefix + "openblas_get_num_threads64_", None)
+            set_local = getattr(lib, "openblas_set_num_threads_local", None)
+            for f in (get, set_local):
+                if f is not None:
+                    f.restype = ctypes.c_int
+            if set_local is not None:
+                set_local.argtypes = [ctypes.c_int]
+            return NumpyBLAS(SGEMM_TYPE(ctypes.cast(fn, ctypes.c_void_p).value or 0), get, set_local)
+    return None
+
+
+# cblas_sgemm with 64-bit integers: order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc.
+SGEMM_TYPE = ctypes.CFUNCTYPE(None, _i, _i, _i, _l, _l, _l, ctypes.c_float, _p, _l, _p, _l, ctypes.c_float, _p, _l)
+# NumPy's own BLAS, and its sgemm for the compiled loops (None: not found, or GRUMPY_NUMBA=0).
+NUMPY_BLAS = None if os.environ.get("GRUMPY_NUMBA", "1") == "0" else _numpy_blas()
+SGEMM: Any = NUMPY_BLAS.sgemm if NUMPY_BLAS is not None else None
 
 
 # Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for
 # using more than one thread (65536 x GEMM_MULTITHREAD_THRESHOLD 4).
 MKL_MIN_MACS = 1 << 18
-# From this many multiply-adds on MKL uses all its threads: measured 1.6-1.9x faster
-# than one thread from 2^21 (100 x 1024 x 65: 83 against 157 us), 1.0-1.2x below.
-MKL_PARALLEL_MIN = int(os.environ.get("GRUMPY_MKL_PARALLEL_MIN", 1 << 21))
+# From this many multiply-adds on MKL uses all its threads; below, one thread is as fast.
+MKL_PARALLEL_MIN = 1 << 21
 
 
 @contextlib.contextmanager
@@ -102,12 +145,19 @@ def _threads(macs: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """MKL on the calling thread only, inside the block."""
-    prev = MKL.MKL_Set_Num_Threads_Local(1)
+    """The BLAS grumpy calls (MKL, else NumPy's) on the calling thread only, inside the block."""
+    if MKL is not None:
+        set_local = MKL.MKL_Set_Num_Threads_Local
+    elif NUMPY_BLAS is not None and NUMPY_BLAS.set_threads_local is not None:
+        set_local = NUMPY_BLAS.set_threads_local
+    else:
+        yield
+        return
+    prev = set_local(1)
     try:
         yield
     finally:
-        MKL.MKL_Set_Num_Threads_Local(prev)
+        set_local(prev)
 
 
 def _operand(a: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -116,11 +166,11 @@ def _operand(a: np.ndarray) -> tuple[np.ndarray, int, int]:
     rows, cols = a.shape
     s0, s1 = a.strides
     if s1 == 4 and s0 % 4 == 0 and (rows == 1 or s0 >= 4 * cols):
-        return a, _NO_TRANS, max(1, cols if rows == 1 else s0 // 4)
+        return a, NO_TRANS, max(1, cols if rows == 1 else s0 // 4)
     if s0 == 4 and s1 % 4 == 0 and (cols == 1 or s1 >= 4 * rows):
-        return a, _TRANS, max(1, rows if cols == 1 else s1 // 4)
+        return a, TRANS, max(1, rows if cols == 1 else s1 // 4)
     a = np.ascontiguousarray(a)
-    return a, _NO_TRANS, max(1, cols)
+    return a, NO_TRANS, max(1, cols)
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, beta: float = 0.0) -> np.ndarray:
@@ -162,7 +212,7 @@ def _sgemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float) -> None:
     ldc = 1 if N == 1 and (M == 1 or c.strides[0] == 4) else (N if M == 1 else c.strides[0] // 4)
     A, ta, lda = _operand(a)
     Bm, tb, ldb = _operand(b)
-    MKL.cblas_sgemm(_ROW_MAJOR, ta, tb, M, N, K, 1.0, A.ctypes.data, lda, Bm.ctypes.data, ldb, beta,
+    MKL.cblas_sgemm(ROW_MAJOR, ta, tb, M, N, K, 1.0, A.ctypes.data, lda, Bm.ctypes.data, ldb, beta,
                     c.ctypes.data, ldc)
 
 
@@ -170,9 +220,8 @@ def column_sums(a: np.ndarray) -> np.ndarray:
     """a (M, N) summed over its rows -> (N,), as ones (1, M) @ a: the bias gradients.
 
     NumPy's a.sum(0) adds row after row in the array's precision (no pairwise
-    summation along axis 0); through BLAS it measured both faster and closer to
-    the float64 sum (12800 x 3072 float32: 6.3 against 18.0 ms, worst relative
-    error 1.9e-6 against 5.8e-6)."""
+    summation along axis 0); through BLAS it is both faster and closer to the
+    float64 sum (docs/benchmarks.md)."""
     return matmul(np.ones((1, a.shape[0]), a.dtype), a)[0]
 
 
@@ -183,12 +232,10 @@ def _numpy(a: np.ndarray, b: np.ndarray, out: np.ndarray | None, beta: float) ->
     return out
 
 
-# Spare pack buffers by size, for the next Packed. MKL asks 8-21 MB for each packed
-# matrix however small (9.2 MB for 768 x 256), and a fresh allocation that large costs
-# page faults on every call: inference at B=128 measured 0.85x the time with reused
-# buffers at H=256 and 0.92x at H=64, training at H=1024 0.93x (in-process A/B). A
-# buffer is either spare or one live Packed's, so concurrent callers never share one.
-# Only what MKL writes into a buffer becomes resident memory.
+# Spare pack buffers by size, for the next Packed. MKL asks megabytes for each packed
+# matrix however small, and a fresh allocation that large costs page faults on every
+# call (docs/benchmarks.md). A buffer is either spare or one live Packed's, so
+# concurrent callers never share one. Only what MKL writes becomes resident memory.
 _SPARE: dict[int, list[np.ndarray]] = {}
 _SPARE_LOCK = threading.Lock()
 _SPARE_MAX = 4  # buffers kept in all (a shared inference pass holds two at a time)
@@ -218,7 +265,7 @@ class Packed:
     ``a @ w`` (w (K, N)), with a (m, K) float32 rows contiguous -> out (m, N).
 
     A snapshot of w: build a new one after w changes. ``ptr`` and :data:`COMPUTE`
-    let compiled loops call the product themselves (see :mod:`grumpy._nbkernels`),
+    let compiled loops call the product themselves (see :mod:`grumpy.kernels.nb`),
     inside ``with p.threads():``."""
 
     def __init__(self, w: np.ndarray, m: int, trans: bool, serial: bool = False) -> None:
@@ -228,12 +275,12 @@ class Packed:
         self.n, self.k = w.shape if trans else w.shape[::-1]
         self.m = m
         self.serial = serial
-        size = MKL.cblas_sgemm_pack_get_size(_B_MATRIX, m, self.n, self.k)
+        size = MKL.cblas_sgemm_pack_get_size(B_MATRIX, m, self.n, self.k)
         self._buf = _take_buffer(size)
         weakref.finalize(self, _give_buffer, self._buf)
         self.ptr = self._buf.ctypes.data
         with self.threads():  # small: packing on the calling thread too, no pool to wake
-            MKL.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS if trans else _NO_TRANS, m, self.n, self.k, 1.0,
+            MKL.cblas_sgemm_pack(ROW_MAJOR, B_MATRIX, TRANS if trans else NO_TRANS, m, self.n, self.k, 1.0,
                                  w.ctypes.data, w.shape[1], self.ptr)
 
     def threads(self) -> contextlib.AbstractContextManager[None]:
@@ -244,7 +291,7 @@ class Packed:
     def __call__(self, a: np.ndarray, out: np.ndarray, beta: float = 0.0) -> np.ndarray:
         """out (m, N) = a (m, K) @ op(w) + beta * out; rows of both contiguous, float32."""
         with self.threads():
-            MKL.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, self.m, self.n, self.k, a.ctypes.data,
+            MKL.cblas_sgemm_compute(ROW_MAJOR, NO_TRANS, PACKED, self.m, self.n, self.k, a.ctypes.data,
                                     max(self.k, a.strides[0] // 4), self.ptr, self.k, beta,
                                     out.ctypes.data, max(self.n, out.strides[0] // 4))
         return out
@@ -258,8 +305,13 @@ def packed(w: np.ndarray, m: int, trans: bool) -> Packed | None:
 
 
 def cores() -> int:
-    """The threads MKL would use (all cores, unless limited, e.g. by threadpoolctl); 1 without MKL."""
-    return max(1, MKL.MKL_Get_Max_Threads()) if MKL is not None else 1
+    """The threads the BLAS grumpy calls would use (all cores, unless limited, e.g. by
+    threadpoolctl); 1 where that BLAS cannot run on one thread per caller."""
+    if MKL is not None:
+        return max(1, MKL.MKL_Get_Max_Threads())
+    if NUMPY_BLAS is None or NUMPY_BLAS.set_threads_local is None or NUMPY_BLAS.get_threads is None:
+        return 1
+    return max(1, NUMPY_BLAS.get_threads())
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -291,3 +343,14 @@ def run_each(fns: Sequence[Callable[[], Any]]) -> list[Any]:
     finally:
         rest = [f.result() for f in futures]  # waits for all, and raises the first error
     return first + rest
+
+
+def blas_threads(n: int | None) -> contextlib.AbstractContextManager[Any]:
+    """A context in which every BLAS this process has loaded (NumPy's, scipy's, MKL)
+    uses at most ``n`` threads (threadpoolctl); ``None`` changes nothing. Importing
+    this module has loaded MKL, so threadpoolctl sees and limits it too."""
+    if n is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=n, user_api="blas")

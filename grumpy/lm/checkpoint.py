@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from grumpy._util import reading
-from grumpy.model import CharModel, ModelConfig
+from grumpy.lm.config import ModelConfig
+from grumpy.lm.model import CharModel, model_shapes
 
 META_KEY = "grumpy"
 FORMAT = "grumpy.charmodel/1"
@@ -191,22 +192,6 @@ def _check_tensor_entries(path: str, header: dict[str, Any], data_len: int) -> N
             )
 
 
-def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes implied by a config, computed without allocating a model."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    H, V, E = c.hidden_size, c.vocab_size, c.embedding_dim
-    if E:
-        shapes["embedding.weight"] = (V, E)
-    for layer in range(c.num_layers):
-        shapes[f"gru.weight_ih_l{layer}"] = (3 * H, (E or V) if layer == 0 else H)
-        shapes[f"gru.weight_hh_l{layer}"] = (3 * H, H)
-        shapes[f"gru.bias_ih_l{layer}"] = (3 * H,)
-        shapes[f"gru.bias_hh_l{layer}"] = (3 * H,)
-    shapes["head.weight"] = (V, H)
-    shapes["head.bias"] = (V,)
-    return shapes
-
-
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load everything from a checkpoint written by :func:`save_checkpoint`.
 
@@ -225,8 +210,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except (json.JSONDecodeError, RecursionError):
         raise ValueError(f"{path}: the grumpy metadata is not valid JSON (corrupted?)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r},"
-                         f" expected {FORMAT!r}")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: unknown checkpoint format {found!r}, expected {FORMAT!r}")
     try:
         if not isinstance(meta.get("config"), dict):
             raise ValueError("missing model config")
@@ -239,7 +224,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     step = meta.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"{path}: bad step in checkpoint: {step!r}")
-    want = _expected_shapes(config)
+    want = model_shapes(config)
     dtype_tag = {"float32": "F32", "float64": "F64"}[np.dtype(config.dtype).name]
     for name, shape in want.items():
         t = header.get(name)

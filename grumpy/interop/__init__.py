@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from grumpy._util import check_dtype
+from grumpy.interop.gates import swap_rz
 from grumpy.layers import GRU, param_names
 
 _DIRECTIONS = ("forward", "backward")
@@ -56,16 +58,6 @@ def _pick_dtype(dtype: Any, arrays: Sequence[np.ndarray]) -> np.dtype:
             f"pass dtype=np.float32 (or np.float64) to convert"
         )
     return np.dtype(found[0])
-
-
-def _swap_rz(a: np.ndarray) -> np.ndarray:
-    """Swap the first two of three gate blocks along axis 0: (r, z, n) <-> (z, r, h).
-
-    Its own inverse. Concatenation copies values exactly, so conversions built on
-    it are bitwise round trips.
-    """
-    first, second, third = np.split(a, 3, axis=0)
-    return np.concatenate([second, first, third], axis=0)
 
 
 def _gru_from_state(
@@ -100,6 +92,7 @@ def _structure_from_state(state: Mapping[str, Any], where: str) -> tuple[int, bo
     The names must then be exactly the set torch.nn.GRU would have for that
     structure; anything else is an error rather than a best guess.
     """
+    matches = [m for m in map(_TORCH_KEY.match, state) if m is not None]
     bad = [k for k in state if not _TORCH_KEY.match(k)]
     if bad:
         raise ValueError(
@@ -108,10 +101,9 @@ def _structure_from_state(state: Mapping[str, Any], where: str) -> tuple[int, bo
         )
     if "weight_ih_l0" not in state:
         raise ValueError(f"{where}: no 'weight_ih_l0' found among keys {list(state)}; is this a GRU state dict?")
-    matches = [_TORCH_KEY.match(k) for k in state]
-    num_layers = 1 + max(int(m.group(2)) for m in matches)  # type: ignore[union-attr]
-    bidirectional = any(m.group(3) for m in matches)  # type: ignore[union-attr]
-    bias = any(m.group(1).startswith("bias") for m in matches)  # type: ignore[union-attr]
+    num_layers = 1 + max(int(m.group(2)) for m in matches)
+    bidirectional = any(m.group(3) for m in matches)
+    bias = any(m.group(1).startswith("bias") for m in matches)
     expected = param_names(num_layers, bidirectional, bias)
     missing = [k for k in expected if k not in state]
     if missing:
@@ -229,7 +221,8 @@ def load_torch_safetensors(path: str | os.PathLike[str], *, prefix: str | None =
         prefix = prefixes[0]
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not state:
-        raise ValueError(f"load_torch_safetensors: no tensor names start with prefix {prefix!r} (found {sorted(tensors)})")
+        raise ValueError(
+            f"load_torch_safetensors: no tensor names start with prefix {prefix!r} (found {sorted(tensors)})")
     # Everything under the prefix must be a GRU parameter; _structure_from_state names any stranger.
     return from_torch_state_dict(state, dtype=dtype)
 
@@ -249,7 +242,7 @@ def _keras_direction_to_state(
     if kernel.ndim != 2 or kernel.shape[1] != 3 * H or (in_size is not None and kernel.shape[0] != in_size):
         want = f"({'I' if in_size is None else in_size}, {3 * H})"
         raise ValueError(f"{where}: kernel has shape {kernel.shape}, expected (input size, 3H) = {want}")
-    out = {"weight_ih": _swap_rz(kernel.T), "weight_hh": _swap_rz(rec.T)}
+    out = {"weight_ih": swap_rz(kernel.T), "weight_hh": swap_rz(rec.T)}
     if bias:
         b = _to_numpy(f"{where} bias", ws[2])
         if reset_after:
@@ -258,7 +251,7 @@ def _keras_direction_to_state(
                 raise ValueError(
                     f"{where}: bias has shape {b.shape}, expected (2, {3 * H}) for reset_after=True{hint}"
                 )
-            out["bias_ih"], out["bias_hh"] = _swap_rz(b[0]), _swap_rz(b[1])
+            out["bias_ih"], out["bias_hh"] = swap_rz(b[0]), swap_rz(b[1])
         else:
             if b.shape != (3 * H,):
                 hint = " (that is a reset_after=True layer's bias)" if b.shape == (2, 3 * H) else ""
@@ -266,7 +259,7 @@ def _keras_direction_to_state(
                     f"{where}: bias has shape {b.shape}, expected ({3 * H},) for reset_after=False{hint}"
                 )
             # Keras' reset-before GRU has no recurrent bias: it is the input bias alone.
-            out["bias_ih"], out["bias_hh"] = _swap_rz(b), np.zeros_like(b)
+            out["bias_ih"], out["bias_hh"] = swap_rz(b), np.zeros_like(b)
     return out, kernel.shape[0], H
 
 
@@ -296,10 +289,12 @@ def from_keras_weights(
     D = 2 if bidirectional else 1
     per_dir = 3 if bias else 2
     state: dict[str, np.ndarray] = {}
-    input_size = hidden = None
+    input_size: int | None = None
+    hidden: int | None = None
     for layer, ws in enumerate(weights):
         if isinstance(ws, np.ndarray) or not isinstance(ws, Sequence) or len(ws) != D * per_dir:
-            found = f"{len(ws)} arrays" if isinstance(ws, Sequence) and not isinstance(ws, np.ndarray) else type(ws).__name__
+            listed = isinstance(ws, Sequence) and not isinstance(ws, np.ndarray)
+            found = f"{len(ws)} arrays" if listed else type(ws).__name__
             parts = "kernel, recurrent_kernel" + (", bias" if bias else "")
             raise ValueError(
                 f"from_keras_weights: layer {layer}: expected {D * per_dir} arrays "
@@ -309,14 +304,15 @@ def from_keras_weights(
             )
         for d in range(D):
             where = f"from_keras_weights: layer {layer}" + (f" ({_DIRECTIONS[d]})" if D == 2 else "")
-            in_size = None if layer == 0 else D * hidden  # type: ignore[operator]
+            in_size = None if layer == 0 or hidden is None else D * hidden
             part, i_size, H = _keras_direction_to_state(
                 ws[d * per_dir : (d + 1) * per_dir], where=where, in_size=in_size, bias=bias, reset_after=reset_after,
             )
             if hidden is not None and H != hidden:
                 raise ValueError(f"{where}: hidden size {H} differs from layer 0's {hidden}; grumpy stacks equal sizes")
             if layer == 0 and input_size is not None and i_size != input_size:
-                raise ValueError(f"{where}: kernel input size {i_size} differs from the forward direction's {input_size}")
+                raise ValueError(
+                    f"{where}: kernel input size {i_size} differs from the forward direction's {input_size}")
             hidden = H
             if layer == 0:
                 input_size = i_size
@@ -344,14 +340,14 @@ def to_keras_weights(gru: GRU) -> list[list[np.ndarray]]:
         for d in range(gru.num_directions):
             sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
             p = gru.params
-            ws += [np.ascontiguousarray(_swap_rz(p["weight_ih" + sfx]).T),
-                   np.ascontiguousarray(_swap_rz(p["weight_hh" + sfx]).T)]
+            ws += [np.ascontiguousarray(swap_rz(p["weight_ih" + sfx]).T),
+                   np.ascontiguousarray(swap_rz(p["weight_hh" + sfx]).T)]
             if gru.bias:
                 b_ih, b_hh = p["bias_ih" + sfx], p["bias_hh" + sfx]
                 if gru.reset_after:
-                    ws.append(np.stack([_swap_rz(b_ih), _swap_rz(b_hh)]))
+                    ws.append(np.stack([swap_rz(b_ih), swap_rz(b_hh)]))
                 else:
-                    ws.append(_swap_rz(b_ih + b_hh if np.any(b_hh) else b_ih))
+                    ws.append(swap_rz(b_ih + b_hh if np.any(b_hh) else b_ih))
         out.append(ws)
     return out
 

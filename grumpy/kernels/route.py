@@ -1,0 +1,132 @@
+"""The fast path's one decision: which loop runs one direction of one layer.
+
+:func:`choose` is the only place that looks at sizes; forward and backward take
+the same :class:`Route` (the backward reads it from the forward's cache). Every
+threshold is a constant here; the measurements behind each are in
+docs/benchmarks.md, "How grumpy is fast". A route can also be named explicitly
+(``gru_sequence_forward(..., route="steps")``, ``GRU(..., route="steps")``): the
+tests run every route against the reference :class:`grumpy.GRUCell` that way.
+
+The routes, from the most general to the most specialised:
+
+========  ====================================================================
+numpy     the NumPy loop: any dtype, both gate forms (the only one for float64
+          and ``reset_after=False``)
+loop      the whole time loop compiled (numba), each step's product by the BLAS
+          NumPy itself uses (one thread pool with the caller's own NumPy code)
+packed    with the opt-in MKL: the whole time loop compiled, each step's recurrent
+          product on weights MKL packed once per call
+steps     a Python loop over the steps: one BLAS product and one compiled gate
+          kernel per step (where NumPy's BLAS cannot be called from compiled code;
+          with MKL, large sizes and one stream at large H)
+shared    inference only: each core takes a share of the batch's rows through
+          the whole sequence, BLAS on one thread in each, no synchronisation per step
+========  ====================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from grumpy.kernels import blas
+
+ROUTES = ("numpy", "loop", "packed", "steps", "shared")
+
+# Gate kernels use all cores from this many batch x hidden elements per step.
+PARALLEL_MIN = 1 << 16
+# With MKL, the whole loop is compiled up to this many multiply-adds per step (B * H * 3H);
+# above, MKL's ordinary product is called per step.
+LOOP_MAX_MACS = 1 << 19
+# One stream takes the packed product from this H on, when the whole loop is compiled.
+PACKED_MIN_H = 128
+# Inference shares a batch among the cores when each share gets at least this many rows.
+SHARE_MIN_ROWS = 64
+# Inference without a cache computes the input projections this many bytes of steps at a time.
+INFER_CHUNK_BYTES = 1 << 23
+# Generation, one stream: from this H the step's matrix-vector products go to BLAS.
+STEP_BLAS_MIN = 512
+
+_NB: ModuleType | bool | None = None  # the numba kernels once imported; False when unavailable
+
+
+def compiled_kernels() -> ModuleType | None:
+    """grumpy.kernels.nb (the numba kernels), or None: numba missing, or GRUMPY_NUMBA=0."""
+    global _NB
+    if _NB is None:
+        _NB = False
+        if os.environ.get("GRUMPY_NUMBA", "1") != "0":
+            try:
+                from grumpy.kernels import nb
+
+                _NB = nb
+            except ImportError:
+                pass
+    return _NB if isinstance(_NB, ModuleType) else None
+
+
+def use_compiled(dtype: np.dtype, reset_after: bool) -> bool:
+    """Whether the compiled kernels can run this dtype and gate form (float32, reset_after)."""
+    return np.dtype(dtype) == np.float32 and reset_after and compiled_kernels() is not None
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one direction of one layer runs; see the module docstring for the kinds.
+
+    ``parallel``: the gate kernels use all cores. ``shares``: for ``shared``, the
+    rows (b0, b1) each core takes. ``chunk_bytes``: inference without a cache
+    computes the input projections this many bytes' worth of steps at a time."""
+
+    kind: str
+    parallel: bool = False
+    shares: tuple[tuple[int, int], ...] = ()
+    chunk_bytes: int = INFER_CHUNK_BYTES
+
+
+def _even_shares(B: int, n: int) -> tuple[tuple[int, int], ...]:
+    edges = [B * i // n for i in range(n + 1)]
+    return tuple(zip(edges[:-1], edges[1:]))
+
+
+def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, kind: str | None = None) -> Route:
+    """The route for a batch of B sequences of width H; ``grad``: a cache is kept for
+    the backward pass. ``kind`` names one explicitly (ValueError if it cannot run here)."""
+    if kind is not None:
+        return _named(kind, dtype, reset_after, B, H, grad)
+    if not use_compiled(dtype, reset_after):
+        return Route("numpy")
+    parallel = B * H >= PARALLEL_MIN
+    n_shares = min(blas.cores(), B // SHARE_MIN_ROWS)
+    if not grad and (blas.MKL is not None or blas.SGEMM is not None) and n_shares >= 2:
+        return Route("shared", shares=_even_shares(B, n_shares))
+    if blas.MKL is not None:  # the opt-in MKL: its packed product, and its ctypes products per step
+        whole_loop = B * H * 3 * H <= LOOP_MAX_MACS
+        # Packing pays for any batch; for one stream only inside the compiled loop (a step that
+        # reads the whole W_hh once for a matrix-vector product gains nothing from it).
+        if B > 1 or (whole_loop and H >= PACKED_MIN_H):
+            return Route("packed", parallel)
+        return Route("loop") if whole_loop and blas.SGEMM is not None else Route("steps", parallel)
+    return Route("loop", parallel) if blas.SGEMM is not None else Route("steps", parallel)
+
+
+def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: bool) -> Route:
+    if kind not in ROUTES:
+        raise ValueError(f"route: expected one of {', '.join(ROUTES)}, got {kind!r}")
+    if kind == "numpy":
+        return Route("numpy")
+    if not use_compiled(dtype, reset_after):
+        raise ValueError(f"route {kind!r}: needs numba, float32 and reset_after=True "
+                         f"(got {np.dtype(dtype)}, reset_after={reset_after})")
+    if kind == "shared" and grad:
+        raise ValueError("route 'shared': inference only (grad=False)")
+    if kind == "packed" and blas.MKL is None:
+        raise ValueError("route 'packed': needs MKL's packed product, which is not loaded")
+    if kind in ("loop", "shared") and blas.MKL is None and blas.SGEMM is None:
+        raise ValueError(f"route {kind!r}: needs NumPy's BLAS (OpenBLAS), which was not found")
+    if kind == "shared":
+        return Route("shared", shares=_even_shares(B, max(1, min(blas.cores(), B))))
+    return Route(kind, B * H >= PARALLEL_MIN)

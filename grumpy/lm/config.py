@@ -1,0 +1,158 @@
+"""The language model's configuration: the model's shape and a training run's settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from grumpy._util import check_dtype, check_positive_int
+from grumpy.optim import OPTIMIZERS
+
+
+@dataclass(kw_only=True)
+class Architecture:
+    """What fixes a character model's shape besides its vocabulary: shared by
+    :class:`ModelConfig` (the model's) and :class:`TrainConfig` (a run's)."""
+
+    hidden_size: int = 256
+    num_layers: int = 2
+    embedding_dim: int = 64  # 0: feed one-hot vectors straight into the GRU, as seed 004 does
+    dropout: float = 0.0  # between GRU layers, in training only; the one field a resume may change
+    reset_after: bool = True
+    dtype: str = "float32"
+
+
+# The fields a resumed run must share with its checkpoint.
+ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(Architecture) if f.name != "dropout")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Architecture):
+    """Everything that fixes the model's architecture (JSON round-trips via to_dict/from_dict)."""
+
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        check_positive_int("vocab_size", self.vocab_size)
+        check_positive_int("hidden_size", self.hidden_size)
+        check_positive_int("num_layers", self.num_layers)
+        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim < 0:
+            raise ValueError(f"embedding_dim: expected an integer >= 0, got {self.embedding_dim!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        check_dtype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"model config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+
+@dataclass(kw_only=True)
+class TrainConfig(Architecture):
+    """Every setting of a training run (JSON round-trips via dataclasses.asdict / from_dict);
+    the model's fields come from :class:`Architecture`. Field ``x_y`` is option ``--x-y``."""
+
+    text_file: str | None = None  # None: the Shakespeare corpus shipped with grumpy
+    out_dir: str | None = None  # None: runs/<text file stem>
+    # data
+    seq_len: int = 50
+    batch_size: int = 32
+    val_fraction: float = 0.1
+    # optimisation
+    optimizer: str = "adam"
+    lr: float = 4e-3
+    weight_decay: float | None = None  # None: the optimiser's own default
+    momentum: float = 0.9  # sgd only
+    clip_norm: float | None = 1.0
+    clip_value: float | None = None
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    # run length and reporting
+    max_steps: int | None = None
+    time_budget: float | None = 300.0  # seconds of wall time for the whole run; None: no limit
+    eval_every: int = 500
+    eval_batch_size: int = 32
+    sample_every: int = 1000
+    sample_length: int = 200
+    log_every: int = 10
+    max_bad_steps: int = 5
+    seed: int = 1337
+    threads: int | None = None  # BLAS threads while training; None: BLAS's own setting (all cores)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture)}
+        return ModelConfig(vocab_size=vocab_size, **arch)
+
+
+def opt(name: str) -> str:
+    """The command-line spelling of a TrainConfig field."""
+    return "--" + name.replace("_", "-")
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the option and value for anything out of range."""
+
+    def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+        v = getattr(cfg, name)
+        if v is None and allow_none:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+            want = "an integer >= 0" if allow_zero else "a positive integer"
+            raise ValueError(f"{opt(name)}: expected {want}, got {v!r}")
+
+    def positive_num(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+        v = getattr(cfg, name)
+        if v is None and allow_none:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                or (v == 0 and not allow_zero):
+            want = "a number >= 0" if allow_zero else "a positive number"
+            raise ValueError(f"{opt(name)}: expected {want}, got {v!r}")
+
+    for n in ("hidden_size", "num_layers", "seq_len", "batch_size", "eval_every", "eval_batch_size",
+              "sample_every", "log_every", "max_bad_steps"):
+        positive_int(n)
+    positive_int("threads", allow_none=True)
+    positive_int("embedding_dim", allow_zero=True)
+    positive_int("warmup_steps", allow_zero=True)
+    positive_int("sample_length", allow_zero=True)
+    positive_int("max_steps", allow_none=True)
+    positive_num("lr")
+    positive_num("time_budget", allow_none=True)
+    positive_num("clip_norm", allow_none=True)
+    positive_num("clip_value", allow_none=True)
+    positive_num("weight_decay", allow_none=True, allow_zero=True)
+    if not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"--dropout: expected a probability in [0, 1), got {cfg.dropout!r}")
+    if not isinstance(cfg.val_fraction, (int, float)) or not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction: expected a number in (0, 1), got {cfg.val_fraction!r}")
+    if not isinstance(cfg.min_lr_ratio, (int, float)) or not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"--min-lr-ratio: expected a number in [0, 1], got {cfg.min_lr_ratio!r}")
+    if not isinstance(cfg.momentum, (int, float)) or not 0.0 <= cfg.momentum < 1.0:
+        raise ValueError(f"--momentum: expected a number in [0, 1), got {cfg.momentum!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer: expected one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"--schedule: expected 'constant' or 'cosine', got {cfg.schedule!r}")
+    if cfg.clip_norm is not None and cfg.clip_value is not None:
+        raise ValueError("--clip-norm and --clip-value: choose one way of clipping")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"--dtype: expected float32 or float64, got {cfg.dtype!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"--seed: expected an integer >= 0, got {cfg.seed!r}")

@@ -1,0 +1,274 @@
+"""Training a character-level language model: :func:`train` reads top to bottom.
+
+One step is :func:`train_step` (forward, loss, backward, clipping, update); the
+run's state and checkpoints are :mod:`grumpy.lm.run`'s, what it shows and
+records :mod:`grumpy.lm.report`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from grumpy.kernels.blas import blas_threads
+from grumpy.lm.config import TrainConfig
+from grumpy.lm.generate import estimate_loss, sample
+from grumpy.lm.model import CharModel, cross_entropy
+from grumpy.lm.report import Reporter, plot_losses
+from grumpy.lm.run import Run, open_run
+from grumpy.optim import Optimizer, clip_grad_norm, clip_grad_value, grad_norm, lr_at
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    step: int
+    best_val_loss: float | None
+    latest: str | None
+    best: str | None
+    metrics: str
+    plot: str | None
+    stopped: str  # "max_steps", "time_budget", "interrupted", "stop_after", "non_finite"
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: str | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train a character-level language model as ``cfg`` says; returns where everything was written.
+
+    ``resume``: a checkpoint to continue exactly (model, optimiser, data position,
+    hidden state, random state, elapsed time). ``cfg.max_steps`` and
+    ``cfg.time_budget`` count the whole run, resumed parts included.
+    ``stop_after``: pause after this many steps in this call (checkpoint and
+    return), for chunked runs. ``log``: where messages go (default: printed).
+    Bad input raises ValueError naming the option or file.
+    """
+    rep = Reporter(log)
+    run = open_run(cfg, resume, rep.say)
+    done = _nothing_to_do(run, rep)
+    if done is not None:
+        return _result(run, done, None)
+    rep.say(_describe(run, resumed=resume is not None))
+    # A short run should not spend itself warming up.
+    warmup = min(cfg.warmup_steps, cfg.max_steps // 10) if cfg.max_steps else cfg.warmup_steps
+    by_steps = cfg.max_steps is not None and cfg.time_budget is None  # the bar counts steps, else seconds
+    start_step, bad_in_a_row, eval_s = run.step, 0, 0.0
+    run.t_start = time.perf_counter()
+    rep.open(run.metrics, progress=progress, by_steps=by_steps, total=(cfg.max_steps if by_steps else cfg.time_budget)
+             or 0, initial=run.step if by_steps else run.elapsed_before)
+    try:
+        with _StopFlag() as stop, blas_threads(cfg.threads):
+            while True:
+                # 1. Stop at the step limit, at the time budget less the closing evaluation,
+                #    on Ctrl-C, or when the caller's stop_after steps are done.
+                stopped = _why_stop(run, stop.set, stop_after, start_step, eval_s)
+                if stopped is not None:
+                    break
+                # 2. The next window of every stream; a new epoch starts from a zero state.
+                x, y, new_epoch = run.batcher.next()
+                if new_epoch:
+                    run.h = run.model.init_state(cfg.batch_size)
+                # 3. One step. A non-finite loss or gradient rejects it (weights unchanged).
+                lr = _learning_rate(run, warmup)
+                loss, gnorm, h_n = train_step(run.model, run.optimizer, cfg, x, y, run.h, lr)
+                if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                    bad_in_a_row += 1
+                    rep.say(_rejected(run.step + 1, loss, gnorm, bad_in_a_row, cfg.max_bad_steps))
+                    run.h = run.model.init_state(cfg.batch_size)
+                    if bad_in_a_row < cfg.max_bad_steps:
+                        continue
+                    stopped = "non_finite"
+                    break
+                if not all(np.isfinite(p).all() for p in run.model.params.values()):
+                    # Finite gradients, yet the update overflowed (a diverging run): these
+                    # weights are lost; the last checkpoint on disk is the last good state.
+                    rep.say(f"step {run.step + 1}: the update made weights non-finite (lr {lr:g}); stopping")
+                    stopped = "non_finite"
+                    break
+                bad_in_a_row, run.h, run.step = 0, h_n, run.step + 1
+                # 4. Report; every eval_every steps evaluate and checkpoint, now and then sample.
+                rep.step(run.step, loss, lr, gnorm, cfg.batch_size * cfg.seq_len, run.elapsed(),
+                         run.step if by_steps else run.elapsed(), log_now=run.step % cfg.log_every == 0)
+                if run.step % cfg.eval_every == 0:
+                    t_eval = time.perf_counter()
+                    eval_s = evaluate_and_save(run, rep)
+                    if cfg.sample_length and run.step % cfg.sample_every == 0:
+                        _show_sample(run, rep, cfg.sample_length)
+                    rep.exclude(time.perf_counter() - t_eval)
+            # 5. Close: a last evaluation, checkpoint and sample, or why there are none.
+            _finish(run, rep, stopped, start_step)
+    finally:
+        rep.close()
+    return _result(run, stopped, _plot(run, rep) if run.step > start_step else None)
+
+
+def train_step(model: CharModel, optimizer: Optimizer, cfg: TrainConfig, x: np.ndarray, y: np.ndarray,
+               h: np.ndarray, lr: float) -> tuple[float, float, np.ndarray]:
+    """Forward, loss, backward, clipping and update on windows x, y (T, B) from state h
+    (L, B, H) -> (loss, gradient norm, h_n). A non-finite loss or gradient norm is
+    returned as it is and nothing is updated; the caller decides."""
+    model.zero_grad()
+    # Overflow is detected from the loss and gradient norm; NumPy need not warn about it too.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        logits, h_n = model.forward(x, h)
+        loss, d_logits = cross_entropy(logits, y)
+        if not math.isfinite(loss):
+            return loss, float("nan"), h_n
+        model.backward(d_logits)
+        grads = model.grads
+        gnorm = grad_norm(grads)
+        if not math.isfinite(gnorm):
+            return loss, gnorm, h_n
+        if cfg.clip_norm is not None:
+            clip_grad_norm(grads, cfg.clip_norm)
+        elif cfg.clip_value is not None:
+            clip_grad_value(grads, cfg.clip_value)
+        optimizer.step(model.params, grads, lr)
+    return loss, gnorm, h_n
+
+
+def evaluate_and_save(run: Run, rep: Reporter) -> float:
+    """Validation loss; latest.safetensors, and best.safetensors when it improved.
+    Returns the seconds the evaluation took."""
+    t0 = time.perf_counter()
+    val = estimate_loss(run.model, run.val_ids, batch_size=run.cfg.eval_batch_size, seq_len=run.cfg.seq_len)
+    eval_s = time.perf_counter() - t0
+    improved = run.best_val is None or val < run.best_val
+    if improved:
+        run.best_val = val
+    run.save(run.latest)
+    if improved:
+        run.save(run.best, full=False)
+    rep.evaluation(run.step, val, run.best_val if run.best_val is not None else val, run.elapsed(),
+                   run.cfg.time_budget)
+    return eval_s
+
+
+def _why_stop(run: Run, interrupted: bool, stop_after: int | None, start_step: int, eval_s: float) -> str | None:
+    cfg = run.cfg
+    if cfg.max_steps is not None and run.step >= cfg.max_steps:
+        return "max_steps"
+    # Leave room for the closing validation run, so the whole run ends near the budget.
+    if cfg.time_budget is not None and run.elapsed() + eval_s >= cfg.time_budget:
+        return "time_budget"
+    if interrupted:
+        return "interrupted"
+    if stop_after is not None and run.step - start_step >= stop_after:
+        return "stop_after"
+    return None
+
+
+def _learning_rate(run: Run, warmup: int) -> float:
+    """The schedule's rate now; its progress is the larger of steps and time done."""
+    cfg = run.cfg
+    fractions = []
+    if cfg.max_steps:
+        fractions.append(run.step / cfg.max_steps)
+    if cfg.time_budget:
+        fractions.append(run.elapsed() / cfg.time_budget)
+    return lr_at(run.step, cfg.lr, schedule=cfg.schedule, warmup_steps=warmup, progress=max(fractions),
+                 min_ratio=cfg.min_lr_ratio)
+
+
+def _finish(run: Run, rep: Reporter, stopped: str, start_step: int) -> None:
+    if stopped == "non_finite":
+        rep.say("stopping on non-finite values (try a lower --lr or clipping); the last good checkpoint is kept"
+                + (f": {run.latest}" if os.path.exists(run.latest) else " (none was written yet)"))
+    elif stopped == "interrupted":
+        run.save(run.latest)  # no validation run: the user wants out
+        rep.say(f"interrupted at step {run.step}; checkpoint written. Continue with: grumpy train --resume "
+                f"{shlex.quote(run.latest)}")
+    elif run.step > start_step:
+        if run.step % run.cfg.eval_every != 0:
+            evaluate_and_save(run, rep)
+        else:
+            run.save(run.latest)
+        if run.cfg.sample_length:
+            _show_sample(run, rep, 2 * run.cfg.sample_length)
+
+
+def _show_sample(run: Run, rep: Reporter, length: int) -> None:
+    txt = "".join(sample(run.model, run.vocab.chars, length=length, temperature=0.8, seed=run.cfg.seed + run.step))
+    rep.say("---- sample ----\n" + txt + "\n----------------")
+
+
+def _rejected(step: int, loss: float, gnorm: float, bad: int, max_bad: int) -> str:
+    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", gnorm)
+    msg = f"step {step}: non-finite {what} ({value}); step rejected, weights unchanged ({bad}/{max_bad})"
+    return msg + (f"\n{max_bad} rejected steps in a row" if bad >= max_bad else "")
+
+
+def _nothing_to_do(run: Run, rep: Reporter) -> str | None:
+    cfg = run.cfg
+    if cfg.max_steps is not None and run.step >= cfg.max_steps:
+        rep.say(f"already at step {run.step}, --max-steps {cfg.max_steps}: nothing to do")
+        return "max_steps"
+    if cfg.time_budget is not None and run.elapsed_before >= cfg.time_budget:
+        rep.say(f"already used {run.elapsed_before:.0f} s of --time-budget {cfg.time_budget:g}: nothing to do "
+                f"(pass a larger --time-budget to continue)")
+        return "time_budget"
+    return None
+
+
+def _describe(run: Run, resumed: bool) -> str:
+    cfg = run.cfg
+    n_params = sum(p.size for p in run.model.params.values())
+    n_train, n_val = len(run.batcher.ids), len(run.val_ids)
+    until = " or ".join(([f"until step {cfg.max_steps}"] if cfg.max_steps else [])
+                        + ([f"{cfg.time_budget:g} s"] if cfg.time_budget else []))
+    return (f"{'resuming' if resumed else 'training'} on {run.name}: {n_train + n_val:,} characters, vocabulary "
+            f"{len(run.vocab)}, {n_train:,} train / {n_val:,} validation; model {cfg.num_layers}x{cfg.hidden_size} "
+            f"GRU, {n_params:,} parameters; {cfg.optimizer} lr {cfg.lr:g}; {until}; writing to {run.out}")
+
+
+def _plot(run: Run, rep: Reporter) -> str | None:
+    png = os.path.join(run.out, "loss.png")
+    try:
+        return plot_losses(run.metrics, png)
+    except Exception as e:  # a plotting problem must not spoil a finished run
+        rep.say(f"note: could not draw {png} ({e})")
+        return None
+
+
+def _result(run: Run, stopped: str, plot: str | None) -> TrainResult:
+    def existing(p: str) -> str | None:
+        return p if os.path.exists(p) else None
+
+    return TrainResult(run.out, run.step, run.best_val, existing(run.latest), existing(run.best), run.metrics, plot,
+                       stopped)
+
+
+class _StopFlag:
+    """Set by the first Ctrl-C; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)

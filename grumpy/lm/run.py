@@ -1,0 +1,207 @@
+"""A training run's state and its two ends: starting one (fresh or from a checkpoint)
+and saving it. Everything a checkpoint must hold to continue exactly lives in :class:`Run`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from grumpy.lm.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from grumpy.lm.config import ARCH_FIELDS, TrainConfig, check_train_config, opt
+from grumpy.lm.data import Position, StreamBatcher, Vocab, load_text, min_text_length, split_text, text_digest
+from grumpy.lm.model import CharModel
+from grumpy.lm.report import read_metrics
+from grumpy.optim import Optimizer, make_optimizer
+
+
+@dataclass
+class Run:
+    """What changes as training goes (model, optimiser, data position, carried state
+    ``h`` (L, B, H), step, best validation loss, time spent) and where it is written."""
+
+    cfg: TrainConfig
+    out: str
+    name: str  # the text, as messages call it
+    vocab: Vocab
+    digest: str  # of the text: a resume on another text starts at its beginning
+    model: CharModel
+    optimizer: Optimizer
+    batcher: StreamBatcher
+    val_ids: np.ndarray
+    h: np.ndarray
+    step: int = 0
+    best_val: float | None = None
+    elapsed_before: float = 0.0  # seconds spent before this process took over
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def latest(self) -> str:
+        return os.path.join(self.out, "latest.safetensors")
+
+    @property
+    def best(self) -> str:
+        return os.path.join(self.out, "best.safetensors")
+
+    @property
+    def metrics(self) -> str:
+        return os.path.join(self.out, "metrics.jsonl")
+
+    def elapsed(self) -> float:
+        """Seconds of the whole run, resumed parts included."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def save(self, path: str, full: bool = True) -> None:
+        """A checkpoint; ``full=False`` leaves out the optimiser and the carried state (best.safetensors)."""
+        meta = {
+            "step": self.step, "best_val_loss": self.best_val, "elapsed": self.elapsed(),
+            "dropout_rng": self.model.gru.rng.bit_generator.state,
+            "data_position": dataclasses.asdict(self.batcher.pos), "text_digest": self.digest,
+            "train_config": dataclasses.asdict(self.cfg),
+        }
+        save_checkpoint(path, self.model, vocab=self.vocab.chars, optimizer=self.optimizer if full else None,
+                        meta=meta, hidden=self.h if full else None)
+
+
+def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None]) -> Run:
+    """Check ``cfg``, read the text, prepare the output directory and build the run:
+    fresh, or everything the checkpoint ``resume`` holds. Bad input raises ValueError
+    naming the option or file."""
+    check_train_config(cfg)
+    ck = None
+    if resume is not None:
+        try:
+            ck = load_checkpoint(resume)
+        except ValueError as e:
+            raise ValueError(f"--resume {e}") from None
+    try:
+        text = load_text(cfg.text_file)
+    except ValueError as e:
+        raise ValueError(f"TEXT_FILE {e}" if cfg.text_file is not None else str(e)) from None
+    name = cfg.text_file or "the shipped corpus"
+    need = min_text_length(cfg.batch_size, cfg.seq_len, cfg.val_fraction)
+    if len(text) < need:
+        raise ValueError(
+            f"TEXT_FILE {name}: {len(text)} characters is too short for --batch-size {cfg.batch_size} x "
+            f"--seq-len {cfg.seq_len}: need at least {need} (one window per stream in the "
+            f"{1 - cfg.val_fraction:.0%} training split); use a longer text or smaller sizes"
+        )
+    vocab = Vocab.from_text(text)
+    if ck is not None:
+        _check_resumable(cfg, ck, resume, vocab, name)
+    out = cfg.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(cfg.text_file))
+    prepare_out_dir(out, resume)
+
+    train_ids, val_ids = split_text(vocab.encode(text), cfg.val_fraction)
+    hp: dict[str, Any] = {}
+    if cfg.optimizer == "sgd":
+        hp["momentum"] = cfg.momentum
+    if cfg.weight_decay is not None and cfg.optimizer in ("adam", "adamw"):
+        hp["weight_decay"] = cfg.weight_decay
+    model = ck.model if ck is not None else CharModel(cfg.model_config(len(vocab)), seed=cfg.seed)
+    run = Run(cfg, out, name, vocab, text_digest(text), model, make_optimizer(cfg.optimizer, cfg.lr, **hp),
+              StreamBatcher(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed), val_ids,
+              model.init_state(cfg.batch_size))
+    if ck is not None:
+        _restore(run, ck, resume, say)
+    return run
+
+
+def _check_resumable(cfg: TrainConfig, ck: Checkpoint, resume: str | None, vocab: Vocab, name: str) -> None:
+    if ck.meta["vocab"] != vocab.chars:
+        raise ValueError(
+            f"--resume {resume}: the checkpoint's vocabulary ({len(ck.meta['vocab'])} characters) differs from "
+            f"{name}'s ({len(vocab)} characters); resume on the same text"
+        )
+    for f in ARCH_FIELDS:
+        if getattr(ck.model.config, f) != getattr(cfg, f):
+            raise ValueError(f"{opt(f)} {getattr(cfg, f)}: differs from the checkpoint's {getattr(ck.model.config, f)}")
+    saved_opt = _optimizer_meta(ck).get("name")
+    if saved_opt is not None and saved_opt != cfg.optimizer:
+        raise ValueError(f"--optimizer {cfg.optimizer}: differs from the checkpoint's {saved_opt}")
+    if ck.hidden is not None and ck.hidden.shape[1] != cfg.batch_size:
+        raise ValueError(f"--batch-size {cfg.batch_size}: differs from the checkpoint's {ck.hidden.shape[1]}")
+
+
+def _optimizer_meta(ck: Checkpoint) -> dict[str, Any]:
+    m = ck.meta.get("optimizer")
+    return m if isinstance(m, dict) else {}
+
+
+def _restore(run: Run, ck: Checkpoint, resume: str | None, say: Callable[[str], None]) -> None:
+    """Continue where ``ck`` stopped: optimiser, step, random state, data position and
+    carried state (when the text is the same), time spent."""
+    cfg, m = run.cfg, ck.meta
+    # Dropout is not architecture: it may change on resume.
+    run.model.config = dataclasses.replace(run.model.config, dropout=cfg.dropout)
+    run.model.gru.dropout = float(cfg.dropout)
+    run.step = int(m["step"])
+    try:
+        run.optimizer.load_state_dict(ck.optim_state, int(_optimizer_meta(ck).get("t", 0)), run.model.params)
+        if not ck.optim_state:
+            say(f"note: {resume} holds no optimiser state (resume from latest.safetensors to continue "
+                "exactly); the optimiser starts afresh")
+        if "dropout_rng" in m:
+            run.model.gru.rng.bit_generator.state = m["dropout_rng"]
+        run.best_val = m.get("best_val_loss")
+        run.elapsed_before = float(m.get("elapsed", 0.0))
+        if m.get("text_digest") == run.digest and "data_position" in m:
+            run.batcher.pos = Position(**m["data_position"])
+            if ck.hidden is not None:
+                run.h = ck.hidden
+        else:
+            say(f"note: {run.name} differs from the text the checkpoint was trained on; starting at its beginning")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"--resume {resume}: cannot restore the training state ({e})") from None
+    # Drop metrics logged after the checkpoint, which the resumed run will redo.
+    rows = [r for r in read_metrics(run.metrics) if r.get("step", 0) <= run.step]
+    atomic_write_bytes(run.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def default_out_dir(text_file: str | None) -> str:
+    """runs/<text stem>, or runs/<stem>-2, -3, ... when earlier runs are there: a second
+    `grumpy train` must neither fail nor touch the first one's files."""
+    stem = "shakespeare" if text_file is None else os.path.splitext(os.path.basename(text_file))[0] or "run"
+    base = os.path.join("runs", stem)
+    out, n = base, 1
+    while os.path.exists(out) and os.listdir(out):
+        n += 1
+        out = f"{base}-{n}"
+    return out
+
+
+def prepare_out_dir(out: str, resuming_from: str | None) -> None:
+    """Create ``out`` and check it is writable and holds no other run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the directory ({e.strerror or e})") from None
+    probe = os.path.join(out, f".grumpy-write-test-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out}: the directory is not writable ({e.strerror or e})") from None
+    existing = [n for n in ("latest.safetensors", "best.safetensors", "metrics.jsonl")
+                if os.path.exists(os.path.join(out, n))]
+    if existing and resuming_from is None:
+        raise ValueError(
+            f"--out {out}: already holds a run ({', '.join(existing)}); continue it with "
+            f"--resume {shlex.quote(os.path.join(out, 'latest.safetensors'))} or choose another --out"
+        )
+    if existing and resuming_from is not None:
+        if os.path.realpath(os.path.dirname(os.path.abspath(resuming_from))) != os.path.realpath(out):
+            raise ValueError(
+                f"--out {out}: already holds another run ({', '.join(existing)}); choose an empty --out "
+                f"to continue {resuming_from} there"
+            )
