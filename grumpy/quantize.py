@@ -9,8 +9,8 @@ The arithmetic, for every matrix product W a (W: (R, K) weights, a: (K,) one str
 input or state at one step):
 
 * ``int8``: each row of W is stored as int8 q[r] with a float32 scale s[r]
-  (symmetric: s[r] = max|W[r]| / 127, q = rint(W / s)). The activation a is
-  quantized the same way, per stream and step (s_a = max|a| / 127), so the
+  (symmetric: s[r] = max|W[r]| / 127, q[r] = rint(W[r] * 127 / max|W[r]|)). The
+  activation a is quantized the same way, per stream and step (s_a = max|a| / 127), so the
   product is an exact integer sum_k q[r, k] q_a[k] times s_a * s[r]. Weights
   take a quarter of float32's memory. Integer products make the results the same
   on every path: the compiled matrix-vector product of one stream, MKL's
@@ -314,8 +314,8 @@ class _Cell:
         self.w_ih = QMatrix(p["weight_ih" + sfx], precision)
         self.w_hh = QMatrix(p["weight_hh" + sfx], precision)
         zeros = np.zeros(3 * H, _F32)
-        self.b_ih = np.asarray(p.get("bias_ih" + sfx, zeros), _F32)
-        self.b_hh = np.asarray(p.get("bias_hh" + sfx, zeros), _F32)
+        self.b_ih = np.array(p.get("bias_ih" + sfx, zeros), _F32)  # copies: a snapshot, as the weights
+        self.b_hh = np.array(p.get("bias_hh" + sfx, zeros), _F32)
         self.H = H
         self.reset_after = reset_after
         self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the one-stream step's

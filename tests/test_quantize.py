@@ -240,6 +240,16 @@ def test_step_equals_forward(precision, reset_after, B):
     assert not h[:, 0].any()
 
 
+def test_a_snapshot():
+    g = make()
+    q = grumpy.quantize(g, "int8")
+    x = np.random.default_rng(10).standard_normal((3, 2, 6)).astype(np.float32)
+    before, _ = q.forward(x)
+    for v in g.params.values():
+        v[...] = 0  # training the float32 GRU further does not change its copy
+    np.testing.assert_array_equal(q.forward(x)[0], before)
+
+
 def test_errors():
     g = make()
     with pytest.raises(ValueError, match="precision: expected 'int8' or 'bfloat16', got 'int4'"):
