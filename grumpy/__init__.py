@@ -1,6 +1,7 @@
 """grumpy: the Gated Recurrent Unit in NumPy, with backpropagation through time by hand."""
 
 from grumpy.cell import GRUCell, gru_cell_backward, gru_cell_forward
+from grumpy.estimators import GRUClassifier, GRURegressor, forecast_windows
 from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 from grumpy.layers import GRU, gru_backward, gru_forward
 from grumpy.quantize import quantize
@@ -12,8 +13,11 @@ __version__ = "0.1.0"
 __all__ = [
     "GRU",
     "GRUCell",
+    "GRUClassifier",
+    "GRURegressor",
     "GRUStream",
     "RNN",
+    "forecast_windows",
     "gru_backward",
     "gru_cell_backward",
     "gru_cell_forward",

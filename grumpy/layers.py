@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from grumpy._util import check_dtype, check_positive_int, orthogonal_blocks, uniform_init
-from grumpy.kernels import ROUTES, Route, gru_sequence_backward, gru_sequence_forward
+from grumpy.kernels import ROUTES, Route, gru_sequence_backward, gru_sequence_forward, state_views
 
 # A kernel runs one direction of one layer over a sequence:
 #   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask, keep_cache, workspace) -> (out, h_last, cache or None)
@@ -293,6 +293,18 @@ class RecurrentStack:
         PyTorch's ``no_grad``: nothing is kept for :meth:`backward`, which then
         raises; the outputs are the same, with less memory and time.
         """
+        out, h_n, cache = self._run(x, h0, lengths, grad=grad, workspaces=self._workspaces if grad else None)
+        self._cache = cache
+        self._no_grad = not grad
+        self._spent = False
+        if self.batch_first:
+            out = np.ascontiguousarray(out.transpose(1, 0, 2))
+        return out, h_n
+
+    def _run(
+        self, x: Any, h0: Any, lengths: Any, *, grad: bool, workspaces: list[dict[str, np.ndarray]] | None
+    ) -> tuple[np.ndarray, np.ndarray, StackCache | None]:
+        """Checks, then the stack time-major: output (T, B, D*H), h_n, the cache (with ``grad``)."""
         x = np.asarray(x)
         lay = "(B, T, I)" if self.batch_first else "(T, B, I)"
         if x.ndim != 3 or x.shape[-1] != self.input_size:
@@ -315,17 +327,11 @@ class RecurrentStack:
             for layer in range(1, self.num_layers):
                 drop[layer] = ((self.rng.random((T, B, width)) < keep) / keep).astype(self.dtype)
         fwd, _ = self._kernels()
-        out, h_n, cache = stack_forward(
+        return stack_forward(
             fwd, self.params, x, h0, num_layers=self.num_layers,
             bidirectional=self.bidirectional, mask=mask, dropout_masks=drop, keep_cache=bool(grad),
-            workspaces=self._workspaces if grad else None,
+            workspaces=workspaces,
         )
-        self._cache = cache
-        self._no_grad = not grad
-        self._spent = False
-        if self.batch_first:
-            out = np.ascontiguousarray(out.transpose(1, 0, 2))
-        return out, h_n
 
     __call__ = forward
 
@@ -446,6 +452,36 @@ class GRU(RecurrentStack):
 
     def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
         return partial(gru_sequence_forward, reset_after=self.reset_after, route=self.route), gru_sequence_backward
+
+    def gates(self, x: np.ndarray, h0: np.ndarray | None = None, *, lengths: Any = None) -> dict[str, np.ndarray]:
+        """Every layer's gates and states at every step, for looking inside a trained model.
+
+        x, h0 and lengths as for :meth:`forward` (no dropout: as in eval mode; nothing is
+        kept for :meth:`backward`). Returns {"r", "z", "n", "h"}, each (num_layers, T, B,
+        D*H) (or (num_layers, B, T, D*H) with batch_first): the reset gate r, the update
+        gate z, the candidate n and the new state h of each layer, the forward
+        direction's units first. At padded steps (``lengths``) h is the kept state and
+        r, z, n what the step computed before the mask kept it."""
+        training, self.training = self.training, False
+        try:
+            cache = self._run(x, h0, lengths, grad=True, workspaces=None)[2]
+        finally:
+            self.training = training
+        self._cache, self._no_grad = None, True
+        assert cache is not None
+        H = self.hidden_size
+        out: dict[str, list[np.ndarray]] = {k: [] for k in ("r", "z", "n", "h")}
+        for layer in cache.caches:
+            parts: dict[str, list[np.ndarray]] = {k: [] for k in out}
+            for c in layer:
+                for i, k in enumerate(("r", "z", "n")):
+                    parts[k].append(c.gates[..., i * H : (i + 1) * H])
+                parts["h"].append(state_views(c.hs, c.reverse)[1])
+            for k in out:
+                out[k].append(np.concatenate(parts[k], axis=-1))
+        stacked = {k: np.stack(v) for k, v in out.items()}
+        return {k: np.ascontiguousarray(v.transpose(0, 2, 1, 3)) for k, v in stacked.items()} if self.batch_first \
+            else stacked
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", reset_after={self.reset_after})"

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from grumpy import __version__
 
     # Imported here so that `import grumpy` stays NumPy-only and fast.
-    from grumpy.cli import bench, experiment, export, train
+    from grumpy.cli import bench, experiment, export, inspect, train
 
     parser = argparse.ArgumentParser(
         prog="grumpy",
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"grumpy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (train, export, experiment, bench):
+    for module in (train, inspect, export, experiment, bench):
         module.register(sub)
     return parser
 

@@ -10,9 +10,8 @@ import shlex
 import sys
 from typing import Any
 
-from grumpy.lm.checkpoint import load_model
-from grumpy.lm.config import TrainConfig
-from grumpy.lm.data import Vocab, load_text
+from grumpy.cli.args import checkpoint, text_for
+from grumpy.lm.config import ARCH_FIELDS, TrainConfig
 from grumpy.lm.generate import evaluate, sample
 from grumpy.lm.loop import train
 from grumpy.lm.model import LN2
@@ -32,15 +31,14 @@ def _train_cmd(args: argparse.Namespace) -> int:
         explicit["time_budget"] = None  # 0 means no limit
     base = TrainConfig()
     if args.resume is not None:
-        try:
-            ck_meta = load_model(args.resume)[1]
-        except ValueError as e:
-            raise ValueError(f"--resume {e}") from None
-        stored = ck_meta.get("train_config")
+        stored = checkpoint(args.resume, "--resume")[1].get("train_config")
         if isinstance(stored, dict):
             base = TrainConfig.from_dict(stored)
         if "out_dir" not in explicit:
             base.out_dir = None  # default to the checkpoint's directory
+    elif args.init_from is not None:  # the model's shape is the checkpoint's, unless given
+        stored = checkpoint(args.init_from, "--init-from")[0].config
+        base = dataclasses.replace(base, **{f: getattr(stored, f) for f in ARCH_FIELDS})
     if explicit.get("max_steps") is not None and "time_budget" not in explicit:
         # An explicit step count replaces the default time limit.
         base.time_budget = None
@@ -61,16 +59,8 @@ def _train_cmd(args: argparse.Namespace) -> int:
     return 1 if res.stopped == "non_finite" else 0
 
 
-def _load(checkpoint: str) -> tuple[Any, dict[str, Any]]:
-    """(model, metadata) of the CHECKPOINT argument; a bad file is an error naming it."""
-    try:
-        return load_model(checkpoint)
-    except ValueError as e:
-        raise ValueError(f"CHECKPOINT {e}") from None
-
-
 def _sample_cmd(args: argparse.Namespace) -> int:
-    model, meta = _load(args.checkpoint)
+    model, meta = checkpoint(args.checkpoint)
     # sample() checks its arguments before the first character is drawn; the
     # messages name the options as this command spells them.
     try:
@@ -94,17 +84,8 @@ def _sample_cmd(args: argparse.Namespace) -> int:
 
 
 def _eval_cmd(args: argparse.Namespace) -> int:
-    model, meta = _load(args.checkpoint)
-    try:
-        text = load_text(args.text_file)
-    except ValueError as e:
-        raise ValueError(f"TEXT_FILE {e}") from None
-    bad = Vocab(meta["vocab"]).missing(text)
-    if bad:
-        shown = " ".join(repr(c) for c in bad[:30]) + (" ..." if len(bad) > 30 else "")
-        raise ValueError(f"TEXT_FILE {args.text_file}: {len(bad)} character(s) not in the model's vocabulary: {shown}")
-    if len(text) < 2:
-        raise ValueError(f"TEXT_FILE {args.text_file}: need at least 2 characters, got {len(text)}")
+    model, meta = checkpoint(args.checkpoint)
+    text = text_for(args.text_file, meta["vocab"])
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     r = evaluate(model, text, vocab=meta["vocab"], batch_size=args.batch_size)
@@ -176,6 +157,11 @@ def register(subparsers: Any) -> None:
     g.add_argument("--log-every", type=int, metavar="N",
                    help=f"steps between metrics.jsonl lines (default {d.log_every})")
     g.add_argument("--seed", type=int, metavar="N", help=f"random seed (default {d.seed})")
+    g.add_argument("--patience", type=int, metavar="N",
+                   help="stop after N evaluations in a row without a better validation loss (default: never)")
+    g.add_argument("--init-from", metavar="CHECKPOINT", default=None,
+                   help="start from a trained model's weights (not its optimiser or data position): fine-tuning "
+                        "on TEXT_FILE; characters the model lacks extend its vocabulary")
     g.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue exactly from a checkpoint (settings not given default to the checkpoint's)")
     g.add_argument("--threads", type=int, metavar="N",

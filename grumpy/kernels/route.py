@@ -125,7 +125,7 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
         raise ValueError("route 'shared': inference only (grad=False)")
     if kind == "packed" and blas.MKL is None:
         raise ValueError("route 'packed': needs MKL's packed product, which is not loaded")
-    if kind in ("loop", "shared") and blas.MKL is None and blas.SGEMM is None:
+    if blas.SGEMM is None and (kind == "loop" or (kind == "shared" and blas.MKL is None)):
         raise ValueError(f"route {kind!r}: needs NumPy's BLAS (OpenBLAS), which was not found")
     if kind == "shared":
         return Route("shared", shares=_even_shares(B, max(1, min(blas.cores(), B))))

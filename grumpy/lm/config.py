@@ -87,6 +87,8 @@ class TrainConfig(Architecture):
     sample_length: int = 200
     log_every: int = 10
     max_bad_steps: int = 5
+    patience: int | None = None  # stop after this many evaluations without a better validation loss
+    init_from: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
     seed: int = 1337
     threads: int | None = None  # BLAS threads while training; None: BLAS's own setting (all cores)
 
@@ -129,6 +131,9 @@ def check_train_config(cfg: TrainConfig) -> None:
               "sample_every", "log_every", "max_bad_steps"):
         positive_int(n)
     positive_int("threads", allow_none=True)
+    positive_int("patience", allow_none=True)
+    if cfg.init_from is not None and not isinstance(cfg.init_from, str):
+        raise ValueError(f"--init-from: expected a checkpoint path, got {cfg.init_from!r}")
     positive_int("embedding_dim", allow_zero=True)
     positive_int("warmup_steps", allow_zero=True)
     positive_int("sample_length", allow_zero=True)

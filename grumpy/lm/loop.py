@@ -37,7 +37,7 @@ class TrainResult:
     best: str | None
     metrics: str
     plot: str | None
-    stopped: str  # "max_steps", "time_budget", "interrupted", "stop_after", "non_finite"
+    stopped: str  # "max_steps", "time_budget", "interrupted", "stop_after", "patience", "non_finite"
 
 
 def train(
@@ -100,7 +100,8 @@ def train(
                     stopped = "non_finite"
                     break
                 bad_in_a_row, run.h, run.step = 0, h_n, run.step + 1
-                # 4. Report; every eval_every steps evaluate and checkpoint, now and then sample.
+                # 4. Report; every eval_every steps evaluate and checkpoint, now and then sample;
+                #    stop when --patience evaluations in a row brought no better validation loss.
                 rep.step(run.step, loss, lr, gnorm, cfg.batch_size * cfg.seq_len, run.elapsed(),
                          run.step if by_steps else run.elapsed(), log_now=run.step % cfg.log_every == 0)
                 if run.step % cfg.eval_every == 0:
@@ -109,6 +110,11 @@ def train(
                     if cfg.sample_length and run.step % cfg.sample_every == 0:
                         _show_sample(run, rep, cfg.sample_length)
                     rep.exclude(time.perf_counter() - t_eval)
+                    if cfg.patience is not None and run.stale_evals >= cfg.patience:
+                        rep.say(f"no better validation loss in {run.stale_evals} evaluations (--patience "
+                                f"{cfg.patience}): stopping; best.safetensors holds the best model")
+                        stopped = "patience"
+                        break
             # 5. Close: a last evaluation, checkpoint and sample, or why there are none.
             _finish(run, rep, stopped, start_step)
     finally:
@@ -150,6 +156,7 @@ def evaluate_and_save(run: Run, rep: Reporter) -> float:
     improved = run.best_val is None or val < run.best_val
     if improved:
         run.best_val = val
+    run.stale_evals = 0 if improved else run.stale_evals + 1
     run.save(run.latest)
     if improved:
         run.save(run.best, full=False)

@@ -13,6 +13,7 @@ optimiser that updates them in place updates the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -152,6 +153,25 @@ class CharModel:
                 raise ValueError(f"load_state_dict: {k} contains non-finite values")
             self._own[k][...] = arr
 
+    def with_vocab_size(self, vocab_size: int, seed: int | None = None) -> CharModel:
+        """A copy for a vocabulary of ``vocab_size`` >= this one's, the new characters last:
+        their embedding rows, output rows (and one-hot input columns) initialised as a new
+        model's from ``seed``, every old row and every other weight unchanged."""
+        V = self.config.vocab_size
+        if vocab_size < V:
+            raise ValueError(f"vocab_size: expected at least the model's {V}, got {vocab_size}")
+        new = CharModel(dataclasses.replace(self.config, vocab_size=vocab_size), seed=seed)
+        state = new.state_dict()
+        for k, v in self.state_dict().items():
+            if k in ("embedding.weight", "head.weight", "head.bias"):
+                state[k][:V] = v
+            elif k == "gru.weight_ih_l0" and not self.config.embedding_dim:
+                state[k][:, :V] = v  # one-hot inputs: a column per character
+            else:
+                state[k] = v
+        new.load_state_dict(state)
+        return new
+
     def zero_grad(self) -> None:
         for g in self.grads.values():
             g.fill(0)
@@ -194,6 +214,12 @@ class CharModel:
         return logits, h_n
 
     __call__ = forward
+
+    def gates(self, idx: np.ndarray, h0: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """:meth:`grumpy.GRU.gates` for character indices idx (T, B): each layer's r, z, n
+        and h at every step, (L, T, B, H)."""
+        idx = np.asarray(idx)
+        return self.gru.gates(self._embed(idx), h0)
 
     def backward(self, d_logits: np.ndarray, d_h_n: np.ndarray | None = None) -> np.ndarray:
         """d_logits (T, B, V) -> d_h0 (L, B, H); parameter gradients are added into ``grads``."""

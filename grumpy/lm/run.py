@@ -39,6 +39,7 @@ class Run:
     h: np.ndarray
     step: int = 0
     best_val: float | None = None
+    stale_evals: int = 0  # evaluations since the best one (for --patience)
     elapsed_before: float = 0.0  # seconds spent before this process took over
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -61,7 +62,8 @@ class Run:
     def save(self, path: str, full: bool = True) -> None:
         """A checkpoint; ``full=False`` leaves out the optimiser and the carried state (best.safetensors)."""
         meta = {
-            "step": self.step, "best_val_loss": self.best_val, "elapsed": self.elapsed(),
+            "step": self.step, "best_val_loss": self.best_val, "stale_evals": self.stale_evals,
+            "elapsed": self.elapsed(),
             "dropout_rng": self.model.gru.rng.bit_generator.state,
             "data_position": dataclasses.asdict(self.batcher.pos), "text_digest": self.digest,
             "train_config": dataclasses.asdict(self.cfg),
@@ -75,12 +77,11 @@ def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None]) -
     fresh, or everything the checkpoint ``resume`` holds. Bad input raises ValueError
     naming the option or file."""
     check_train_config(cfg)
-    ck = None
-    if resume is not None:
-        try:
-            ck = load_checkpoint(resume)
-        except ValueError as e:
-            raise ValueError(f"--resume {e}") from None
+    if resume is not None and cfg.init_from is not None:
+        raise ValueError("--init-from and --resume: --resume continues a run, --init-from starts a new one "
+                         "from another's weights; choose one")
+    ck = _load(resume, "--resume")
+    init = _load(cfg.init_from, "--init-from")
     try:
         text = load_text(cfg.text_file)
     except ValueError as e:
@@ -93,9 +94,14 @@ def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None]) -
             f"--seq-len {cfg.seq_len}: need at least {need} (one window per stream in the "
             f"{1 - cfg.val_fraction:.0%} training split); use a longer text or smaller sizes"
         )
-    vocab = Vocab.from_text(text)
-    if ck is not None:
-        _check_resumable(cfg, ck, resume, vocab, name)
+    if ck is not None:  # the checkpoint's vocabulary, which must cover the text
+        vocab = _covering(Vocab(ck.meta["vocab"]), text, name, f"--resume {resume}")
+        _check_resumable(cfg, ck)
+    elif init is not None:  # the model's characters first, then the text's new ones
+        vocab = Vocab(init.meta["vocab"] + "".join(Vocab(init.meta["vocab"]).missing(text)))
+        _check_architecture(cfg, init, "--init-from")
+    else:
+        vocab = Vocab.from_text(text)
     out = cfg.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(cfg.text_file))
     prepare_out_dir(out, resume)
 
@@ -105,7 +111,18 @@ def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None]) -
         hp["momentum"] = cfg.momentum
     if cfg.weight_decay is not None and cfg.optimizer in ("adam", "adamw"):
         hp["weight_decay"] = cfg.weight_decay
-    model = ck.model if ck is not None else CharModel(cfg.model_config(len(vocab)), seed=cfg.seed)
+    if ck is not None:
+        model = ck.model
+    elif init is not None:  # its weights, not its optimiser, position or state
+        model = init.model.with_vocab_size(len(vocab), seed=cfg.seed)
+        model.gru.dropout = float(cfg.dropout)
+        model.config = dataclasses.replace(model.config, dropout=cfg.dropout)
+        if len(vocab) > init.model.config.vocab_size:
+            say(f"note: {len(vocab) - init.model.config.vocab_size} character(s) of {name} are new to "
+                f"{cfg.init_from}: {' '.join(repr(c) for c in vocab.chars[init.model.config.vocab_size:])}; "
+                "their embedding and output rows start fresh")
+    else:
+        model = CharModel(cfg.model_config(len(vocab)), seed=cfg.seed)
     run = Run(cfg, out, name, vocab, text_digest(text), model, make_optimizer(cfg.optimizer, cfg.lr, **hp),
               StreamBatcher(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed), val_ids,
               model.init_state(cfg.batch_size))
@@ -114,15 +131,33 @@ def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None]) -
     return run
 
 
-def _check_resumable(cfg: TrainConfig, ck: Checkpoint, resume: str | None, vocab: Vocab, name: str) -> None:
-    if ck.meta["vocab"] != vocab.chars:
-        raise ValueError(
-            f"--resume {resume}: the checkpoint's vocabulary ({len(ck.meta['vocab'])} characters) differs from "
-            f"{name}'s ({len(vocab)} characters); resume on the same text"
-        )
+def _load(path: str | None, option: str) -> Checkpoint | None:
+    if path is None:
+        return None
+    try:
+        return load_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"{option} {e}") from None
+
+
+def _covering(vocab: Vocab, text: str, name: str, what: str) -> Vocab:
+    missing = vocab.missing(text)
+    if missing:
+        shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        raise ValueError(f"{what}: the checkpoint's vocabulary ({len(vocab)} characters) lacks {len(missing)} "
+                         f"character(s) of {name}: {shown}; resume on the same text")
+    return vocab
+
+
+def _check_architecture(cfg: TrainConfig, ck: Checkpoint, option: str) -> None:
     for f in ARCH_FIELDS:
         if getattr(ck.model.config, f) != getattr(cfg, f):
-            raise ValueError(f"{opt(f)} {getattr(cfg, f)}: differs from the checkpoint's {getattr(ck.model.config, f)}")
+            raise ValueError(f"{opt(f)} {getattr(cfg, f)}: differs from the {option} checkpoint's "
+                             f"{getattr(ck.model.config, f)}")
+
+
+def _check_resumable(cfg: TrainConfig, ck: Checkpoint) -> None:
+    _check_architecture(cfg, ck, "--resume")
     saved_opt = _optimizer_meta(ck).get("name")
     if saved_opt is not None and saved_opt != cfg.optimizer:
         raise ValueError(f"--optimizer {cfg.optimizer}: differs from the checkpoint's {saved_opt}")
@@ -151,6 +186,7 @@ def _restore(run: Run, ck: Checkpoint, resume: str | None, say: Callable[[str], 
         if "dropout_rng" in m:
             run.model.gru.rng.bit_generator.state = m["dropout_rng"]
         run.best_val = m.get("best_val_loss")
+        run.stale_evals = int(m.get("stale_evals", 0))
         run.elapsed_before = float(m.get("elapsed", 0.0))
         if m.get("text_digest") == run.digest and "data_position" in m:
             run.batcher.pos = Position(**m["data_position"])
