@@ -4,7 +4,9 @@ from grumpy.cell import GRUCell, gru_cell_backward, gru_cell_forward
 from grumpy.estimators import GRUClassifier, GRURegressor, forecast_windows
 from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 from grumpy.layers import GRU, gru_backward, gru_forward
+from grumpy.quantize import quantize
 from grumpy.rnn import RNN, rnn_backward, rnn_forward, rnn_sequence_backward, rnn_sequence_forward
+from grumpy.stream import GRUStream
 
 __version__ = "0.1.0"
 
@@ -13,6 +15,7 @@ __all__ = [
     "GRUCell",
     "GRUClassifier",
     "GRURegressor",
+    "GRUStream",
     "RNN",
     "forecast_windows",
     "gru_backward",
@@ -21,6 +24,7 @@ __all__ = [
     "gru_forward",
     "gru_sequence_backward",
     "gru_sequence_forward",
+    "quantize",
     "rnn_backward",
     "rnn_forward",
     "rnn_sequence_backward",

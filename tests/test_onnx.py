@@ -59,6 +59,31 @@ def test_exported_gru_agrees(num_layers, bidirectional, reset_after, bias, batch
     np.testing.assert_allclose(oh_n0, h_n0, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("num_layers,bidirectional,reset_after,bias,batch_first", GRU_FORMS)
+def test_sequence_lens_agrees_with_lengths(num_layers, bidirectional, reset_after, bias, batch_first):
+    """A padded batch with sequence_lens fed: the runtime gives grumpy's lengths results
+    (zeros past each length, h_n from the last valid step, the reverse direction
+    starting there), for both gate forms and bidirectional stacks."""
+    g = randomise(GRU(3, 5, num_layers, bidirectional=bidirectional, reset_after=reset_after, bias=bias,
+                      batch_first=batch_first), seed=num_layers + 10).eval()
+    model = export_gru(g)
+    assert [i.name for i in model.graph.input] == ["x", "h0", "sequence_lens"]
+    sess = session(model)
+    rng = np.random.default_rng(5)
+    lengths = np.array([7, 2, 1, 5, 7], np.int32)
+    x = rng.standard_normal((5, 7, 3) if batch_first else (7, 5, 3)).astype(np.float32)
+    h0 = rng.standard_normal((num_layers * g.num_directions, 5, 5)).astype(np.float32)
+    y, h_n = g(x, h0, lengths=lengths)
+    oy, oh_n = sess.run(["y", "h_n"], {"x": x, "h0": h0, "sequence_lens": lengths})
+    np.testing.assert_allclose(oy, y, atol=TOL, rtol=0)
+    np.testing.assert_allclose(oh_n, h_n, atol=TOL, rtol=0)
+    full, _ = g(x, h0)
+    assert np.abs(oy - full).max() > 1e-2  # the lengths made a difference
+    # left out, every sequence runs all T steps
+    oy_all, _ = sess.run(["y", "h_n"], {"x": x, "h0": h0})
+    np.testing.assert_allclose(oy_all, full, atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("reset_after", [True, False])
 def test_gru_operator_attributes_and_that_they_matter(reset_after):
     g = randomise(GRU(3, 4, 2, bidirectional=True, reset_after=reset_after), seed=3).eval()
@@ -146,6 +171,19 @@ def test_char_model_step_by_step_generation(embedding_dim, num_layers, reset_aft
     full, _ = m(np.concatenate(fed[:-1]))
     np.testing.assert_allclose(np.stack(step_logits), full, atol=TOL, rtol=0)
     assert len({tuple(c[0]) for c in fed}) > 1  # it generated more than one character
+
+
+@pytest.mark.parametrize("embedding_dim,num_layers,reset_after", CHAR_FORMS[:2])
+def test_char_model_sequence_lens(embedding_dim, num_layers, reset_after):
+    m = char_model(embedding_dim, num_layers, reset_after, seed=3)
+    sess = session(export_char_model(m, vocab=VOCAB))
+    ids = np.random.default_rng(6).integers(0, len(VOCAB), (8, 3))
+    lengths = np.array([3, 8, 5], np.int32)
+    out, h_n = m.gru.forward(m._embed(ids), lengths=lengths, grad=False)
+    logits = out @ m.params["head.weight"].T + m.params["head.bias"]
+    ol, oh = sess.run(["logits", "h_n"], {"input_ids": ids, "sequence_lens": lengths})
+    np.testing.assert_allclose(ol, logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(oh, h_n, atol=TOL, rtol=0)
 
 
 def test_export_bad_input(tmp_path):

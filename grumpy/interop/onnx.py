@@ -9,7 +9,10 @@ as grumpy does, so the weights need only their first two gate blocks swapped.
 The hidden state is an input with a default (an initializer of zeros of batch
 size 1 sharing its name, broadcast to the batch), so a runtime may leave it out
 for a fresh start or feed back the previous step's ``h_n`` to generate step by
-step.
+step. ``sequence_lens`` (int32 (B,), the GRU operator's own input) is optional
+the same way: fed, each sequence b stops at step sequence_lens[b] as with
+grumpy's ``lengths`` (zero outputs after it, h_n from its last valid step, the
+reverse direction starting there); left out, every sequence runs all T steps.
 
 ``onnx`` is imported only inside these functions.
 """
@@ -60,9 +63,10 @@ class _Graph:
         self.nodes.append(self.onnx.helper.make_node(op, list(inputs), list(outputs), name=outputs[0], **attrs))
 
 
-def _gru_stack(g: _Graph, gru: GRU, params: dict[str, np.ndarray], prefix: str, x: str, h0: str) -> tuple[str, str]:
-    """ONNX GRU nodes for a time-major stack: x (T, B, I), h0 (L*D, B, H)
-    -> names of output (T, B, D*H) and h_n (L*D, B, H)."""
+def _gru_stack(g: _Graph, gru: GRU, params: dict[str, np.ndarray], prefix: str, x: str, h0: str,
+               lens: str = "") -> tuple[str, str]:
+    """ONNX GRU nodes for a time-major stack: x (T, B, I), h0 (L*D, B, H), lens the name
+    of the sequence lengths (B,) int32 or "" -> names of output (T, B, D*H) and h_n (L*D, B, H)."""
     D, H = gru.num_directions, gru.hidden_size
     sfxs = ["", "_reverse"][:D]
     h_n_parts = []
@@ -84,7 +88,7 @@ def _gru_stack(g: _Graph, gru: GRU, params: dict[str, np.ndarray], prefix: str, 
         axes = g.const(p + "h0_axes", np.array([0], np.int64))
         g.node("Slice", [h0, starts, ends, axes], [p + "h0"])
         g.node(
-            "GRU", [inp, W, R, B, "", p + "h0"], [p + "Y", p + "Y_h"],
+            "GRU", [inp, W, R, B, lens, p + "h0"], [p + "Y", p + "Y_h"],
             hidden_size=H, linear_before_reset=int(gru.reset_after),
             direction="bidirectional" if D == 2 else "forward",
         )
@@ -110,6 +114,19 @@ def _state_input(g: _Graph, name: str, batch_of: str, layers: int, H: int) -> st
     tail = g.const(name + ".hidden", np.array([H], np.int64))
     g.node("Concat", [lead, name + ".batch", tail], [name + ".shape"], axis=0)
     g.node("Expand", [name, name + ".shape"], [name + ".full"])
+    return name + ".full"
+
+
+def _lengths_input(g: _Graph, name: str, x: str) -> str:
+    """The optional lengths input ``name`` (B,) int32 for time-major tensor x (T, B, ...).
+    Its default, one huge length, is cut to T and broadcast to the batch; a fed (B,)
+    vector goes through the same two nodes unchanged (its values are at most T)."""
+    g.const(name, np.array([np.iinfo(np.int32).max], np.int32))
+    g.node("Shape", [x], [name + ".T64"], start=0, end=1)
+    g.node("Cast", [name + ".T64"], [name + ".T"], to=g.onnx.TensorProto.INT32)
+    g.node("Min", [name, name + ".T"], [name + ".cut"])
+    g.node("Shape", [x], [name + ".batch"], start=1, end=2)
+    g.node("Expand", [name + ".cut", name + ".batch"], [name + ".full"])
     return name + ".full"
 
 
@@ -171,7 +188,8 @@ def export_gru(
     the ``onnx.ModelProto`` and writes it to ``path`` unless that is None.
 
     Graph inputs: ``x`` (T, B, I), or (B, T, I) if the GRU is batch_first; ``h0``
-    (L*D, B, H), optional (zeros when not fed). Outputs: ``y`` shaped like the
+    (L*D, B, H), optional (zeros when not fed); ``sequence_lens`` int32 (B,), optional
+    (as grumpy's ``lengths``; all T steps when not fed). Outputs: ``y`` shaped like the
     GRU's output, ``h_n`` (L*D, B, H). ``dtype`` is the graph's float type:
     float32 by default, which onnxruntime's GRU requires (the weights are
     rounded to it); float64 is valid ONNX for runtimes that support it.
@@ -188,14 +206,16 @@ def export_gru(
         g.node("Transpose", ["x"], ["x.tbi"], perm=[1, 0, 2])
         x = "x.tbi"
     h0 = _state_input(g, "h0", x, LD, H)
-    y, h_n = _gru_stack(g, gru, gru.params, "gru.", x, h0)
+    lens = _lengths_input(g, "sequence_lens", x)
+    y, h_n = _gru_stack(g, gru, gru.params, "gru.", x, h0, lens)
     g.node("Transpose" if gru.batch_first else "Identity", [y], ["y"],
            **({"perm": [1, 0, 2]} if gru.batch_first else {}))
     g.node("Identity", [h_n], ["h_n"])
     T_B = ["B", "T"] if gru.batch_first else ["T", "B"]
     et = getattr(onnx.TensorProto, _ONNX_DTYPES[dt])
     vi = onnx.helper.make_tensor_value_info
-    inputs = [vi("x", et, T_B + [gru.input_size]), vi("h0", et, [LD, "B", H])]
+    inputs = [vi("x", et, T_B + [gru.input_size]), vi("h0", et, [LD, "B", H]),
+              vi("sequence_lens", onnx.TensorProto.INT32, ["B"])]
     outputs = [vi("y", et, T_B + [gru.num_directions * H]), vi("h_n", et, [LD, "B", H])]
     meta = {
         "grumpy.kind": "gru",
@@ -205,7 +225,8 @@ def export_gru(
             "reset_after": gru.reset_after,
         }),
     }
-    doc = "grumpy GRU: inputs x, optional h0 (zeros if absent); outputs y, h_n."
+    doc = ("grumpy GRU: inputs x, optional h0 (zeros if absent), optional sequence_lens int32 (B,) "
+           "(all T steps if absent); outputs y, h_n.")
     model = _finish(g, "grumpy_gru", doc, inputs, outputs, meta, opset)
     _save(model, path)
     return model
@@ -223,8 +244,10 @@ def export_char_model(
     the ``onnx.ModelProto`` and writes it to ``path`` unless that is None.
 
     Inputs: ``input_ids`` int64 (T, B); ``h0`` (L, B, H), optional (zeros when
-    not fed). Outputs: ``logits`` (T, B, V), ``h_n`` (L, B, H). To generate, run
-    with T = 1 and feed each step's ``h_n`` back as ``h0``.
+    not fed); ``sequence_lens`` int32 (B,), optional (each sequence's length for a
+    padded batch; past it the GRU outputs zeros, so the logits are the head's bias,
+    and h_n is the state at its last step). Outputs: ``logits`` (T, B, V), ``h_n``
+    (L, B, H). To generate, run with T = 1 and feed each step's ``h_n`` back as ``h0``.
 
     ``vocab`` (V characters in index order) is stored as JSON under the
     metadata key ``grumpy.vocab`` so a runtime can decode; the model's config
@@ -256,21 +279,24 @@ def export_char_model(
         if dt != np.float32:
             g.node("Cast", [onehot_out], ["x"], to=getattr(onnx.TensorProto, _ONNX_DTYPES[dt]))
     h0 = _state_input(g, "h0", "x", L, H)
+    lens = _lengths_input(g, "sequence_lens", "x")
     gru_params = {k[4:]: v for k, v in params.items() if k.startswith("gru.")}
-    out, h_n = _gru_stack(g, model.gru, gru_params, "gru.", "x", h0)
+    out, h_n = _gru_stack(g, model.gru, gru_params, "gru.", "x", h0, lens)
     # (H, V): the head multiplies from the right in the graph, so its weight is stored transposed.
     g.node("MatMul", [out, g.weight("head.weight_t", params["head.weight"].T)], ["head.mm"])
     g.node("Add", ["head.mm", g.weight("head.bias", params["head.bias"])], ["logits"])
     g.node("Identity", [h_n], ["h_n"])
     et = getattr(onnx.TensorProto, _ONNX_DTYPES[dt])
     vi = onnx.helper.make_tensor_value_info
-    inputs = [vi("input_ids", onnx.TensorProto.INT64, ["T", "B"]), vi("h0", et, [L, "B", H])]
+    inputs = [vi("input_ids", onnx.TensorProto.INT64, ["T", "B"]), vi("h0", et, [L, "B", H]),
+              vi("sequence_lens", onnx.TensorProto.INT32, ["B"])]
     outputs = [vi("logits", et, ["T", "B", V]), vi("h_n", et, [L, "B", H])]
     meta = {"grumpy.kind": "char_model", "grumpy.config": json.dumps(c.to_dict())}
     if vocab is not None:
         meta["grumpy.vocab"] = json.dumps(vocab)
     doc = (
-        "grumpy character model: input_ids int64 (T, B), optional h0 (L, B, H; zeros if absent) -> "
+        "grumpy character model: input_ids int64 (T, B), optional h0 (L, B, H; zeros if absent), optional "
+        "sequence_lens int32 (B,) -> "
         "logits (T, B, V), h_n (L, B, H). Vocabulary (index -> character) in metadata 'grumpy.vocab' as JSON."
     )
     onnx_model = _finish(g, "grumpy_char_model", doc, inputs, outputs, meta, opset)
