@@ -156,3 +156,25 @@ def test_char_model_gates_are_its_gru_gates_on_the_embedded_text():
     logits, h_n = m.forward(idx, grad=False)
     assert g["h"].shape == (2, 3, 2, 5)
     np.testing.assert_allclose(g["h"][:, -1], h_n, rtol=1e-6, atol=1e-7)
+
+
+# -- --precision -----------------------------------------------------------------
+
+
+def test_sample_and_eval_take_a_precision(tmp_path, text_file, capsys):
+    rc, _, err = run(["train", text_file, "--out", tmp_path / "m", "--max-steps", "6", *TINY], capsys)
+    assert rc == 0, err
+    ck = tmp_path / "m" / "best.safetensors"
+    bits = {}
+    for p in ("float32", "bfloat16", "int8"):
+        rc, out, err = run(["eval", ck, text_file, "--precision", p, "--json"], capsys)
+        assert rc == 0, err
+        bits[p] = __import__("json").loads(out)["bits_per_char"]
+        rc, out, err = run(["sample", ck, "--precision", p, "--length", "30", "--seed", "3"], capsys)
+        assert rc == 0 and len(out.strip()) > 0, err
+    assert abs(bits["int8"] - bits["float32"]) < 0.05 and abs(bits["bfloat16"] - bits["float32"]) < 0.05
+    from grumpy.cli import main
+
+    with pytest.raises(SystemExit) as e:  # argparse refuses it, naming the choices
+        main(["eval", str(ck), str(text_file), "--precision", "float16"])
+    assert e.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err

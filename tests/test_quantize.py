@@ -1,4 +1,4 @@
-"""grumpy.quantize: int8 and bfloat16 inference copies.
+"""grumpy.quantized: int8 and bfloat16 inference copies.
 
 What is checked: the number formats (bfloat16 rounding against torch's); the quantized
 forward against a plain float64 reference of the defined arithmetic and near float32;
@@ -16,8 +16,8 @@ import grumpy
 from grumpy import GRU
 from grumpy.lm.model import CharModel, ModelConfig
 
-# the module (grumpy.quantize, the attribute, is the function)
-Q = importlib.import_module("grumpy.quantize")
+# the module grumpy.quantized (grumpy.quantize is its function)
+Q = importlib.import_module("grumpy.quantized")
 
 PRECISIONS = ["int8", "bfloat16"]
 # Distance from the float32 GRU: weights and activations rounded to 8 bits (bfloat16

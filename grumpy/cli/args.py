@@ -8,12 +8,18 @@ from grumpy.lm.checkpoint import load_model
 from grumpy.lm.data import Vocab, load_text
 
 
-def checkpoint(path: str, what: str = "CHECKPOINT") -> tuple[Any, dict[str, Any]]:
-    """(model, metadata) of a checkpoint argument; a bad file is an error naming the argument."""
+def checkpoint(path: str, what: str = "CHECKPOINT", precision: str = "float32") -> tuple[Any, dict[str, Any]]:
+    """(model, metadata) of a checkpoint argument; a bad file is an error naming the argument.
+    ``precision`` "bfloat16" or "int8": an inference-only copy (:func:`grumpy.quantize`)."""
     try:
-        return load_model(path)
+        model, meta = load_model(path)
     except ValueError as e:
         raise ValueError(f"{what} {e}") from None
+    if precision == "float32":
+        return model, meta
+    from grumpy.quantized import quantize
+
+    return quantize(model, "int8" if precision == "int8" else "bfloat16"), meta
 
 
 def text_for(path: str, vocab: str) -> str:

@@ -60,7 +60,7 @@ def _train_cmd(args: argparse.Namespace) -> int:
 
 
 def _sample_cmd(args: argparse.Namespace) -> int:
-    model, meta = checkpoint(args.checkpoint)
+    model, meta = checkpoint(args.checkpoint, precision=args.precision)
     # sample() checks its arguments before the first character is drawn; the
     # messages name the options as this command spells them.
     try:
@@ -84,7 +84,7 @@ def _sample_cmd(args: argparse.Namespace) -> int:
 
 
 def _eval_cmd(args: argparse.Namespace) -> int:
-    model, meta = checkpoint(args.checkpoint)
+    model, meta = checkpoint(args.checkpoint, precision=args.precision)
     text = text_for(args.text_file, meta["vocab"])
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
@@ -181,6 +181,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, metavar="X", default=None,
                    help="nucleus sampling: the smallest set with probability p")
     p.add_argument("--seed", type=int, metavar="N", default=None, help="random seed (default: fresh each run)")
+    _precision_option(p)
     p.set_defaults(func=_sample_cmd)
 
     p = subparsers.add_parser("eval", help="loss of a checkpoint on a text",
@@ -189,4 +190,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("text_file", metavar="TEXT_FILE", help="UTF-8 text to score")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="streams the text is cut into (default 32)")
+    _precision_option(p)
     p.set_defaults(func=_eval_cmd)
+
+
+def _precision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="weights for inference: float32 (default, exact), or a bfloat16 or int8 copy "
+                        "(smaller and faster to read; see README, 'Reduced precision')")

@@ -48,13 +48,14 @@ def evaluate(
     batch_size: int = 32,
     seq_len: int = 100,
 ) -> dict[str, Any]:
-    """Loss of ``model`` (a CharModel with ``vocab``, or a checkpoint path) over ``text``.
+    """Loss of ``model`` (a CharModel or its :func:`grumpy.quantize` copy, with ``vocab``; or a
+    checkpoint path) over ``text``.
 
     Returns {"loss_nats", "bits_per_char", "chars"} where chars is the number
     of characters predicted (len(text) - 1). Characters outside the
     vocabulary raise ValueError listing them.
     """
-    if not isinstance(model, CharModel):
+    if isinstance(model, (str, os.PathLike)):
         from grumpy.lm.checkpoint import load_model  # safetensors only when a file is read
 
         model, meta = load_model(model)

@@ -15,7 +15,7 @@ input or state at one step):
   take a quarter of float32's memory. Integer products make the results the same
   on every path: the compiled matrix-vector product of one stream, MKL's
   bfloat16 matrix product for batches (small integers are exact in bfloat16,
-  their products and sums exact in float32, see :mod:`grumpy._qkernels`) and the
+  their products and sums exact in float32, see :mod:`grumpy.kernels.quantized_nb`) and the
   pure-NumPy fallback all give the same bits for the products.
 * ``bfloat16``: W and a are rounded to bfloat16 (to nearest even), their products
   summed in float32 (what AVX512-BF16 and AMX compute); weights take half of
@@ -46,7 +46,7 @@ from grumpy.stream import StreamState, check_streamable
 Precision = Literal["int8", "bfloat16"]
 PRECISIONS = ("int8", "bfloat16")
 _F32 = np.dtype(np.float32)
-_BLOCK = 1024  # int8 products are exact in float32 up to this many terms (see grumpy._qkernels)
+_BLOCK = 1024  # int8 products are exact in float32 up to this many terms (see grumpy.kernels.quantized_nb)
 # "auto": MKL for batches, numba, then NumPy; "numba" or "numpy" forces one.
 _BACKEND = os.environ.get("GRUMPY_QUANT_BACKEND", "auto")
 # From this many multiply-adds on, the compiled products and gate kernels use all cores.
@@ -85,19 +85,19 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # -- backends -----------------------------------------------------------------------
 
 
-_QK: Any = None  # grumpy._qkernels once imported; False when numba is missing or disabled
+_QK: Any = None  # grumpy.kernels.quantized_nb once imported; False when numba is missing or disabled
 
 
 def _numba() -> Any:
-    """grumpy._qkernels, or None when numba is missing, disabled (GRUMPY_NUMBA=0) or not wanted."""
+    """grumpy.kernels.quantized_nb, or None when numba is missing, disabled (GRUMPY_NUMBA=0) or not wanted."""
     global _QK
     if _QK is None:
         _QK = False
         if os.environ.get("GRUMPY_NUMBA", "1") != "0":
             try:
-                from grumpy import _qkernels
+                from grumpy.kernels import quantized_nb
 
-                _QK = _qkernels
+                _QK = quantized_nb
             except ImportError:
                 pass
     return _QK if _QK and _BACKEND != "numpy" else None

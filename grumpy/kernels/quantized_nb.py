@@ -1,6 +1,6 @@
-"""Compiled kernels for the int8 and bfloat16 inference copies (:mod:`grumpy.quantize`).
+"""Compiled kernels for the int8 and bfloat16 inference copies (:mod:`grumpy.quantized`).
 
-The arithmetic is defined in :mod:`grumpy.quantize`; these kernels compute it, and
+The arithmetic is defined in :mod:`grumpy.quantized`; these kernels compute it, and
 the NumPy fallback there computes the same thing. In short:
 
 * int8: weights q (R, K) int8 with a float32 scale per row; activations quantized
@@ -15,7 +15,7 @@ the NumPy fallback there computes the same thing. In short:
 Quantizing activations is kept out of fastmath: it divides, and 'arcp' could turn
 127 / m into a reciprocal and a multiplication, rounding differently from NumPy.
 
-Imported lazily by :mod:`grumpy.quantize`; numba caches by function name, so each
+Imported lazily by :mod:`grumpy.quantized`; numba caches by function name, so each
 compiled variant (serial, parallel) has a name of its own.
 """
 
@@ -251,7 +251,7 @@ def steps_packed(gemm, w, int8, gi, si, swi, hs, m2, reverse, sw, bih, bhh, aq, 
     chunk's raw input products, si (n, B) and swi (3H,) their scales; hs (n+1, B, H) the chunk's states, h0 at
     hs[n] (reverse) or hs[0]; m2 (n, B) the mask or (n, 0). Scratch: aq (B, H) float32,
     a16 (B, H) uint16, sa (B,) (ones for bfloat16), gh (B, 3H). The same calls, in the same
-    order, as the Python loop of grumpy.quantize: the results are the same bits."""
+    order, as the Python loop of grumpy.quantized: the results are the same bits."""
     n = gi.shape[0]
     B, H = hs.shape[1], hs.shape[2]
     G = 3 * H
