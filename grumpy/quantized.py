@@ -198,7 +198,7 @@ class QMatrix:
     def products(self, aq: np.ndarray, pack: bool = False) -> np.ndarray:
         """aq (N, K) quantized activations -> (N, R) raw products (before the scales).
         ``pack``: keep the weights packed by MKL for products with N rows (the recurrent
-        product, the same N at every step): 1.3-2x faster at H=1024, B=32-128."""
+        product, the same N at every step), faster at large H (docs/precision.md)."""
         N, K = aq.shape
         R = self.shape[0]
         out = np.empty((N, R), _F32)
@@ -206,8 +206,8 @@ class QMatrix:
         nb = _numba()
         if mkl is not None and not pack and K < _DENSE_K:
             # short rows (a layer's input, e.g. 65 one-hot characters): MKL's float32 product
-            # on the quantized values, 2.3x faster than its bfloat16 product at K = 65 (which
-            # suits long rows); exact for int8, the same float32 sums for bfloat16
+            # on the quantized values, faster than its bfloat16 product for short rows (which
+            # suits long ones); exact for int8, the same float32 sums for bfloat16
             from grumpy.kernels import blas as _blas
 
             _blas.matmul(aq, self.dense().T, out)
@@ -352,7 +352,7 @@ class _Cell:
         """One stream: one compiled call for both products and the gates."""
         H, I = self.H, x.shape[0]
         big = 3 * H * (H + I) >= _PARALLEL_MIN
-        if self._scratch is None:  # kept: fresh arrays cost 2-3 us a step, a tenth at H=256
+        if self._scratch is None:  # kept: fresh arrays cost a noticeable share of a small step
             self._scratch = (np.empty((2, 3 * H), _F32), np.empty((1, I), _F32), np.empty((1, H), _F32))
         g, xq, hq = self._scratch
         x, h = np.ascontiguousarray(x, _F32), np.ascontiguousarray(h, _F32)

@@ -60,7 +60,7 @@ def quantize_rows_int8(a, aq, sa):
 
     No fastmath (see the module docstring). The maximum is taken over the bit patterns of
     |a| as integers, which order as the values do (a NaN's above infinity's): an integer
-    maximum vectorises without fastmath, a float one does not (6x slower here)."""
+    maximum vectorises without fastmath, a float one does not (docs/precision.md)."""
     N, K = a.shape
     bits = a.view(np.uint32)
     for n in range(N):
@@ -90,8 +90,8 @@ def round_rows_bf16(a, out):
 def _dot_int8(q, a):
     """sum_k q[k] a[k] for q int8 and a int16 holding integers in [-127, 127], exact in
     int32 (no overflow below 2^17 terms), as float32: the same value as the float32 and
-    MKL paths' exact sums. Written so that LLVM multiplies 16-bit pairs (vpmaddwd):
-    1.1x the speed of float32 products with conversions, on one core."""
+    MKL paths' exact sums. Written so that LLVM multiplies 16-bit pairs (vpmaddwd),
+    a little faster than float32 products with conversions (docs/precision.md)."""
     acc = np.int32(0)
     for k in range(q.shape[0]):
         acc = np.int32(acc + np.int32(np.int16(q[k]) * a[k]))
