@@ -168,6 +168,10 @@ for (const r of D.tracks) {
   row.insertCell().appendChild(b);
 }
 for (const el of [layerSel, qSel, unitIn]) el.addEventListener("input", paint);
+if (D.tracks.length) {  // open on the unit that tracks the first feature best
+  const r = D.tracks[0];
+  layerSel.value = String(r.layer); qSel.value = r.quantity; unitIn.value = String(r.unit);
+}
 paint();
 if (location.hash === "#selftest") {  // for the test suite: does switching the unit change the colours?
   const before = spans.map(s => s.style.backgroundColor).join("|");
