@@ -4,6 +4,8 @@ A user's program alternates grumpy's GRU steps with its own NumPy work. This
 measures, each in its own child process, alternated A B C A B C, medians:
 
 * ``alone``: the user's own matrix product in a process that never imports grumpy;
+* ``cold``: the same, with a pass over 64 MB of memory (no BLAS, one thread) between
+  products, which leaves the caches as cold as a training step does;
 * ``beside``: the same product in a process that runs a grumpy training step
   between products (only the product is timed);
 * ``step``: grumpy's training step with no product of the user's between steps;
@@ -36,7 +38,8 @@ def product():
     return a @ b
 
 step = None
-if kind != "alone":
+big = np.zeros(16 << 20, np.float32) if kind == "cold" else None
+if kind not in ("alone", "cold"):
     from grumpy import GRU
     gru = GRU(I, H, seed=0)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
@@ -53,6 +56,9 @@ for _ in range(3):  # warm-up: compilation, buffers, thread pools
 times = []
 for _ in range(reps):
     if kind == "alone":
+        t0 = time.perf_counter(); product(); times.append(time.perf_counter() - t0)
+    elif kind == "cold":
+        big += 1.0
         t0 = time.perf_counter(); product(); times.append(time.perf_counter() - t0)
     elif kind == "beside":
         step()
@@ -80,18 +86,19 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=20, help="timed repetitions inside each child")
     p.add_argument("--n", type=int, default=512, help="the user's product is (n, n) @ (n, n), float32")
     args = p.parse_args()
-    kinds = ("alone", "beside", "step", "step+")
+    kinds = ("alone", "cold", "beside", "step", "step+")
     samples: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for k in kinds:
             samples[k].append(measure(k, args.hidden, args.batch, args.reps, args.n))
             time.sleep(0.3)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    print("| H | B | user product alone | beside grumpy | ratio | grumpy step | with user product | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {args.hidden} | {args.batch} | {1e3 * med['alone']:.2f} ms | {1e3 * med['beside']:.2f} ms "
-          f"| {med['beside'] / med['alone']:.2f}x | {1e3 * med['step']:.1f} ms | {1e3 * med['step+']:.1f} ms "
-          f"| {med['step+'] / med['step']:.2f}x |")
+    print("| H | B | user product alone | with cold caches | beside grumpy | beside / alone | beside / cold "
+          "| grumpy step | with user product | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {args.hidden} | {args.batch} | {1e3 * med['alone']:.2f} ms | {1e3 * med['cold']:.2f} ms "
+          f"| {1e3 * med['beside']:.2f} ms | {med['beside'] / med['alone']:.2f}x | {med['beside'] / med['cold']:.2f}x "
+          f"| {1e3 * med['step']:.1f} ms | {1e3 * med['step+']:.1f} ms | {med['step+'] / med['step']:.2f}x |")
     print(f"\nuser product: ({args.n}, {args.n}) @ ({args.n}, {args.n}) float32; step: T=100, I=65 training "
           f"forward + backward; medians of {args.rounds} child processes x {args.reps} repetitions, alternated.")
     return 0
