@@ -38,8 +38,8 @@ ROUTES = ("numpy", "loop", "packed", "steps", "shared")
 
 # Gate kernels use all cores from this many batch x hidden elements per step.
 PARALLEL_MIN = 1 << 16
-# With MKL, the whole loop is compiled up to this many multiply-adds per step (B * H * 3H);
-# above, MKL's ordinary product is called per step.
+# Without MKL's packed product the whole loop is compiled up to this many multiply-adds per
+# step (B * H * 3H); above, each step's product is NumPy's (or MKL's) call from Python.
 LOOP_MAX_MACS = 1 << 19
 # One stream takes the packed product from this H on, when the whole loop is compiled.
 PACKED_MIN_H = 128
@@ -122,14 +122,14 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
     n_shares = min(blas.cores(), B // SHARE_MIN_ROWS)
     if not grad and (blas.MKL is not None or blas.SGEMM is not None) and n_shares >= 2:
         return Route("shared", shares=_even_shares(B, n_shares))
-    if blas.MKL is not None:  # the opt-in MKL: its packed product, and its ctypes products per step
-        whole_loop = B * H * 3 * H <= LOOP_MAX_MACS
-        # Packing pays for any batch; for one stream only inside the compiled loop (a step that
-        # reads the whole W_hh once for a matrix-vector product gains nothing from it).
-        if B > 1 or (whole_loop and H >= PACKED_MIN_H):
-            return Route("packed", parallel)
-        return Route("loop") if whole_loop and blas.SGEMM is not None else Route("steps", parallel)
-    return Route("loop", parallel) if blas.SGEMM is not None else Route("steps", parallel)
+    whole_loop = B * H * 3 * H <= LOOP_MAX_MACS
+    # With the opt-in MKL, packing pays for any batch; for one stream only inside the compiled
+    # loop (a step that reads the whole W_hh once for a matrix-vector product gains nothing).
+    if blas.MKL is not None and (B > 1 or (whole_loop and H >= PACKED_MIN_H)):
+        return Route("packed", parallel)
+    # Large products from Python: NumPy's own call (its matrix-vector product for one stream)
+    # measured faster than the same library's sgemm called from the compiled loop.
+    return Route("loop") if whole_loop and blas.SGEMM is not None else Route("steps", parallel)
 
 
 def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: bool) -> Route:
