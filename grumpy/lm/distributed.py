@@ -191,8 +191,8 @@ class Team:
         prints = self.allgather(fingerprint)
         for r, p in enumerate(prints):
             if p != prints[0]:
-                raise AgreedError(f"rank {r} read {what} different from rank 0's ({p} against {prints[0]}); "
-                                  "every rank must read the same files")
+                raise AgreedError(f"rank {r} read {what} different from rank 0's ({p} on rank {r}; "
+                                  f"{prints[0]} on rank 0); every rank must read the same files")
 
     def broadcast_params(self, params: Mapping[str, np.ndarray]) -> None:
         """Rank 0's parameters on every rank (one Bcast of one flat buffer)."""
