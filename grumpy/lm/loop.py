@@ -66,10 +66,7 @@ def train(
     """
     team = Team(comm)
     rep = Reporter(log if team.root else _silent)
-    run = team.agree(open_run, cfg, resume, rep.say, team)
-    team.same_everywhere(f"text {run.digest}, vocabulary {text_digest(run.vocab.chars)}, step {run.step}",
-                         "the text or checkpoint")
-    team.broadcast_params(run.model.params)  # one model: rank 0's initial weights
+    run = _open(cfg, resume, rep, team)
     done = _nothing_to_do(run, rep)
     if done is not None:
         return _result(run, done, None)
@@ -142,6 +139,16 @@ def train(
     finally:
         rep.close()
     return _result(run, stopped, _plot(run, rep) if run.step > start_step and team.root else None)
+
+
+def _open(cfg: TrainConfig, resume: str | None, rep: Reporter, team: Team) -> Run:
+    """open_run on every rank; over MPI, bad input on any rank fails them all, and every
+    rank must have read the same text and checkpoint. One model: rank 0's weights."""
+    run = team.agree(open_run, cfg, resume, rep.say, team)
+    team.same_everywhere(f"text {run.digest}, vocabulary {text_digest(run.vocab.chars)}, step {run.step}",
+                         "the text or checkpoint")
+    team.broadcast_params(run.model.params)
+    return run
 
 
 def train_step(model: CharModel, optimizer: Optimizer, cfg: TrainConfig, x: np.ndarray, y: np.ndarray,
