@@ -44,6 +44,7 @@ def world() -> Any:
         raise ValueError(f"--distributed: needs mpi4py ({e}); {INSTALL_HINT}") from None
     comm = MPI.COMM_WORLD
     if comm.Get_size() < 2:
+        MPI.Finalize()  # so that `mpiexec -n 1 python -m mpi4py` exits with the usage error, not an abort
         raise ValueError(f"--distributed: this is one process, not an MPI job of several ranks; {LAUNCH_HINT} "
                          "with N >= 2 (on one process, leave out --distributed)")
     return comm
