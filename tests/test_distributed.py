@@ -23,7 +23,7 @@ pytest.importorskip("safetensors")
 from grumpy.lm.checkpoint import load_checkpoint  # noqa: E402
 from grumpy.lm.config import TrainConfig  # noqa: E402
 from grumpy.lm.data import StreamBatcher, Vocab  # noqa: E402
-from grumpy.lm.distributed import Team, columns, flat_size, pack, shard, unpack  # noqa: E402
+from grumpy.lm.distributed import Team, columns, cores_per_rank, flat_size, pack, shard, unpack  # noqa: E402
 from grumpy.lm.generate import estimate_loss, loss_sums  # noqa: E402
 from grumpy.lm.loop import apply_gradients, local_gradients, train_step  # noqa: E402
 from grumpy.lm.model import CharModel  # noqa: E402
@@ -128,6 +128,16 @@ def test_a_team_alone_changes_nothing():
         team.agree(lambda: (_ for _ in ()).throw(ValueError("boom")))
 
 
+def test_threads_per_rank(monkeypatch):
+    import grumpy.lm.distributed as d
+
+    monkeypatch.setattr(d.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(d.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert [d.cores_per_rank(n) for n in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+    monkeypatch.setattr(d.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert d.cores_per_rank(2) == 4  # the launcher bound this rank to 4 cores: those
+
+
 def test_the_core_never_imports_mpi4py():
     code = ("import sys, grumpy, grumpy.lm.loop, grumpy.lm.distributed, grumpy.cli.train; "
             "assert 'mpi4py' not in sys.modules, 'mpi4py imported'")
@@ -227,6 +237,8 @@ def test_two_ranks_equal_one_process(text, tmp_path, dtype):
     rc, out, err = mpirun(2, text, "--out", tmp_path / "two", "--max-steps", 6, "--dtype", dtype, *TINY)
     assert rc == 0, err
     assert "the 2 ranks end with bit-identical parameters (checked)" in out
+    threads = cores_per_rank(2)  # both ranks on this machine: its cores shared between them
+    assert f"2 MPI ranks of 2 streams each, {threads} thread(s) per rank" in out
     assert out.count("stopped (max steps) at step 6") == 1  # rank 0 alone prints
     assert_close(tmp_path / "two" / "latest.safetensors", tmp_path / "one" / "latest.safetensors", TOL[dtype])
     assert sorted(os.listdir(tmp_path / "two")) == ["best.safetensors", "latest.safetensors", "metrics.jsonl"]
