@@ -244,6 +244,17 @@ def test_two_ranks_equal_one_process(text, tmp_path, dtype):
     assert sorted(os.listdir(tmp_path / "two")) == ["best.safetensors", "latest.safetensors", "metrics.jsonl"]
 
 
+def test_three_ranks_equal_one_process(text, tmp_path):
+    """A number of ranks that is not a power of two (MPI's Allreduce takes other routes)."""
+    needs_mpi()
+    args = ["--max-steps", 4, "--dtype", "float64", *TINY, "--batch-size", 6]
+    one_process(text, "--out", tmp_path / "one", *args)
+    rc, out, err = mpirun(3, text, "--out", tmp_path / "three", *args)
+    assert rc == 0, err
+    assert "the 3 ranks end with bit-identical parameters (checked)" in out
+    assert_close(tmp_path / "three" / "latest.safetensors", tmp_path / "one" / "latest.safetensors", 1e-12)
+
+
 def test_resume_on_another_number_of_ranks(text, tmp_path):
     """The checkpoint holds the whole batch's state: 2 ranks -> 1 process -> 4 ranks equals one run."""
     needs_mpi()

@@ -133,9 +133,6 @@ def train(
                         break
             # 5. Close: a last evaluation, checkpoint and sample, or why there are none.
             _finish(run, rep, stopped, start_step)
-            team.check_identical(run.model.params)
-            if not team.alone:
-                rep.say(f"the {team.size} ranks end with bit-identical parameters (checked)")
     finally:
         rep.close()
     return _result(run, stopped, _plot(run, rep) if run.step > start_step and team.root else None)
@@ -256,6 +253,9 @@ def _finish(run: Run, rep: Reporter, stopped: str, start_step: int) -> None:
             run.save(run.latest)
         if run.cfg.sample_length:
             _show_sample(run, rep, 2 * run.cfg.sample_length)
+    if not run.team.alone:  # one model on every rank, to the last bit
+        run.team.check_identical(run.model.params)
+        rep.say(f"the {run.team.size} ranks end with bit-identical parameters (checked)")
 
 
 def _show_sample(run: Run, rep: Reporter, length: int) -> None:
