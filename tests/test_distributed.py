@@ -2,18 +2,23 @@
 
 Without MPI (always): a batch sharded among K ranks in one process, the gradients
 averaged by hand through the same pack/unpack the MPI path uses, equals one process
-on the whole batch. With mpiexec and mpi4py (the mpi extra; skipped without them):
+on the whole batch; and the whole train() loop on K ranks that are threads of this
+process (ThreadComm: the part of an mpi4py communicator grumpy uses) equals one
+process, and agrees on bad input. With mpiexec and mpi4py (the mpi extra; skipped without them):
 2 ranks against 1 process through the command line, resuming on another number of
 ranks, and the faults: a rank killed, Ctrl-C, bad input on one rank.
 """
 
+import dataclasses
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,9 +28,10 @@ pytest.importorskip("safetensors")
 from grumpy.lm.checkpoint import load_checkpoint  # noqa: E402
 from grumpy.lm.config import TrainConfig  # noqa: E402
 from grumpy.lm.data import StreamBatcher, Vocab  # noqa: E402
-from grumpy.lm.distributed import Team, columns, cores_per_rank, flat_size, pack, shard, unpack  # noqa: E402
+from grumpy.kernels.blas import blas_threads  # noqa: E402
+from grumpy.lm.distributed import AgreedError, Team, columns, cores_per_rank, flat_size, pack, shard, unpack  # noqa: E402
 from grumpy.lm.generate import estimate_loss, loss_sums  # noqa: E402
-from grumpy.lm.loop import apply_gradients, local_gradients, train_step  # noqa: E402
+from grumpy.lm.loop import apply_gradients, local_gradients, train, train_step  # noqa: E402
 from grumpy.lm.model import CharModel  # noqa: E402
 from grumpy.optim import make_optimizer  # noqa: E402
 
@@ -100,6 +106,117 @@ def test_evaluation_shares_add_up_to_the_whole():
         total, count = sum(s for s, _ in sums), sum(c for _, c in sums)
         assert count == len(ids) - 1
         assert total / count == pytest.approx(whole, rel=1e-12)
+
+
+class ThreadComm:
+    """Rank ``rank`` of ranks that are threads of this process: the part of an mpi4py
+    communicator that grumpy's Team uses, each collective over a barrier, reductions in
+    rank order (as MPI's for two ranks)."""
+
+    def __init__(self, world, rank):
+        self.world, self.rank = world, rank
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.world["size"]
+
+    def _exchange(self, item):
+        w = self.world
+        w["slots"][self.rank] = item
+        w["barrier"].wait()
+        items = list(w["slots"])
+        w["barrier"].wait()
+        return items
+
+    def Allreduce(self, _in_place, buf, op):
+        items = self._exchange(buf.copy())
+        out = items[0].copy()
+        for x in items[1:]:
+            out = out + x if op == "SUM" else np.maximum(out, x)
+        buf[...] = out
+
+    def Bcast(self, buf, root=0):
+        buf[...] = self._exchange(buf.copy())[root]
+
+    def Gather(self, send, recv, root=0):
+        items = self._exchange(np.array(send, copy=True))
+        if self.rank == root:
+            recv[...] = np.stack(items)
+
+    def allgather(self, obj):
+        return self._exchange(obj)
+
+    def Split_type(self, _kind):
+        return self  # all on one machine
+
+    def Free(self):
+        pass
+
+
+FAKE_MPI = SimpleNamespace(IN_PLACE=None, SUM="SUM", MAX="MAX", COMM_TYPE_SHARED=0)
+
+
+def run_ranks(K, cfg_of_rank, timeout=120):
+    """train(cfg_of_rank(r), comm=...) on K ranks that are threads -> (results, errors) by rank."""
+    world = {"size": K, "slots": [None] * K, "barrier": threading.Barrier(K, timeout=60)}
+    results, errors = [None] * K, [None] * K
+
+    def rank(r):
+        try:
+            results[r] = train(cfg_of_rank(r), progress=False, log=lambda msg: None,
+                               comm=Team(ThreadComm(world, r), mpi=FAKE_MPI))
+        except AgreedError as e:  # every rank raises it: nobody is left waiting
+            errors[r] = e
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors[r] = e
+            world["barrier"].abort()  # the others would wait for this rank
+
+    with blas_threads(os.cpu_count() or 1):  # whatever the ranks set, restored at the end
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(K)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return results, errors
+
+
+@pytest.mark.parametrize("K", [2, 4])
+def test_train_on_in_process_ranks_equals_one_process(tmp_path, K):
+    """The whole loop (sharding, Allreduce, agreed stop, shared evaluation, gathered state,
+    checkpoints) with ranks that are threads: equal to one process on the whole batch."""
+    text = tmp_path / "text.txt"
+    text.write_text(corpus(), encoding="utf-8")
+    cfg = TrainConfig(text_file=str(text), out_dir=str(tmp_path / "one"), hidden_size=16, num_layers=2,
+                      embedding_dim=8, batch_size=8, seq_len=8, max_steps=7, eval_every=3, eval_batch_size=5,
+                      sample_length=0, dtype="float64", time_budget=None, clip_norm=0.5, schedule="constant",
+                      warmup_steps=0)
+    train(cfg, progress=False, log=lambda msg: None)
+    results, errors = run_ranks(K, lambda r: dataclasses.replace(cfg, out_dir=str(tmp_path / "many")))
+    assert errors == [None] * K
+    assert [res.step for res in results] == [7] * K
+    assert results[0].best_val_loss == pytest.approx(train_result_best(tmp_path / "one"), rel=1e-12)
+    assert sorted(os.listdir(tmp_path / "many")) == ["best.safetensors", "latest.safetensors", "metrics.jsonl"]
+    assert_close(tmp_path / "many" / "latest.safetensors", tmp_path / "one" / "latest.safetensors", 1e-12)
+
+
+def train_result_best(out):
+    return load_checkpoint(out / "latest.safetensors").meta["best_val_loss"]
+
+
+def test_bad_input_on_one_in_process_rank_fails_them_all(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(corpus(), encoding="utf-8")
+    cfg = TrainConfig(text_file=str(text), out_dir=str(tmp_path / "out"), hidden_size=8, num_layers=1,
+                      batch_size=4, seq_len=8, max_steps=2, sample_length=0, time_budget=None)
+    missing = str(tmp_path / "missing.txt")
+    _, errors = run_ranks(2, lambda r: dataclasses.replace(cfg, text_file=missing if r == 1 else str(text)))
+    assert all(isinstance(e, AgreedError) and str(e).startswith("rank 1: TEXT_FILE") for e in errors), errors
+    _, errors = run_ranks(2, lambda r: dataclasses.replace(cfg, batch_size=5))
+    assert all(isinstance(e, AgreedError) and "--batch-size 5: not divisible by the 2 ranks" in str(e)
+               for e in errors), errors
 
 
 def test_shard_and_pack():

@@ -129,15 +129,19 @@ def thread_limit(n: int | None, compiled: bool = False) -> Iterator[None]:
 
 class Team:
     """The ranks of one training run over an mpi4py communicator ``comm``; ``Team()``
-    is one process alone, where every collective below is the identity."""
+    is one process alone, where every collective below is the identity.
 
-    def __init__(self, comm: Any = None) -> None:
+    What is used of mpi4py is small: the communicator's Get_rank, Get_size, Allreduce
+    (in place, SUM and MAX), Bcast, Gather, allgather and Split_type, and the module's
+    constants; ``mpi`` stands in for the module (the tests' in-process ranks)."""
+
+    def __init__(self, comm: Any = None, mpi: Any = None) -> None:
         self.comm = comm
         self.rank = 0 if comm is None else int(comm.Get_rank())
         self.size = 1 if comm is None else int(comm.Get_size())
-        self._mpi: Any = None
+        self._mpi: Any = mpi
         self._buf: np.ndarray | None = None  # the flat gradient buffer, kept between steps
-        if comm is not None:
+        if comm is not None and mpi is None:
             from mpi4py import MPI  # only here: the core never needs it
 
             self._mpi = MPI

@@ -59,12 +59,12 @@ def train(
     return), for chunked runs. ``log``: where messages go (default: printed).
     Bad input raises ValueError naming the option or file.
 
-    ``comm``: an mpi4py communicator whose every rank calls train() alike: one model
-    trained data-parallel, each rank on its share of the ``cfg.batch_size`` streams
-    (docs/distributed.md). Bad input on any rank raises ValueError on every rank;
-    rank 0 alone prints, shows the bar and writes the files.
+    ``comm``: an mpi4py communicator (or a :class:`~grumpy.lm.distributed.Team`) whose
+    every rank calls train() alike: one model trained data-parallel, each rank on its
+    share of the ``cfg.batch_size`` streams (docs/distributed.md). Bad input on any
+    rank raises ValueError on every rank; rank 0 alone prints and writes the files.
     """
-    team = Team(comm)
+    team = comm if isinstance(comm, Team) else Team(comm)
     rep = Reporter(log if team.root else _silent)
     run = _open(cfg, resume, rep, team)
     done = _nothing_to_do(run, rep)
