@@ -102,28 +102,19 @@ def cores_per_rank(local_ranks: int) -> int:
 @contextlib.contextmanager
 def thread_limit(n: int | None, compiled: bool = False) -> Iterator[None]:
     """BLAS on at most ``n`` threads (None: unchanged), and with ``compiled`` numba's
-    gate kernels too."""
-    if n is None or not compiled:
-        with blas_threads(n):
-            yield
-        return
-        yield
-        return
-    old = None
-    try:
-        import numba
-
-        old = numba.get_num_threads()
-        numba.set_num_threads(min(n, int(getattr(numba.config, "NUMBA_NUM_THREADS", n))))
-    except ImportError:
-        pass
+    gate kernels too (this thread's setting, restored on leaving)."""
+    numba: Any = None
+    if compiled and n is not None:
+        with contextlib.suppress(ImportError):
+            import numba
+    old = numba.get_num_threads() if numba is not None else None
+    if numba is not None:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     try:
         with blas_threads(n):
             yield
     finally:
-        if old is not None:
-            import numba
-
+        if numba is not None:
             numba.set_num_threads(old)
 
 
