@@ -12,13 +12,32 @@ from typing import Any
 
 from grumpy.cli.args import checkpoint, text_for
 from grumpy.lm.config import ARCH_FIELDS, TrainConfig
+from grumpy.lm.distributed import AgreedError, Team, world
 from grumpy.lm.generate import evaluate, sample
-from grumpy.lm.loop import train
+from grumpy.lm.loop import TrainResult, train
 from grumpy.lm.model import LN2
 from grumpy.optim import OPTIMIZERS
 
 
 def _train_cmd(args: argparse.Namespace) -> int:
+    if not args.distributed:
+        return _report(train(_config(args), resume=args.resume, progress=not args.no_progress))
+    # Under MPI every rank runs this; set-up errors are agreed on (all ranks raise them
+    # together), rank 0 prints, and all end MPI together so an exit code is not an abort.
+    team = Team(world())
+    try:
+        cfg = team.agree(_config, args)
+        res = train(cfg, resume=args.resume, progress=not args.no_progress, comm=team.comm)
+        code = _report(res) if team.root else int(res.stopped == "non_finite")
+    except AgreedError as e:
+        if team.root:
+            print(f"grumpy train: error: {e}", file=sys.stderr)
+        code = 2
+    team.finalize()
+    return code
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     explicit = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.reset_before:
@@ -46,8 +65,10 @@ def _train_cmd(args: argparse.Namespace) -> int:
         base.clip_norm = None
     if "clip_norm" in explicit:
         base.clip_value = None
-    cfg = dataclasses.replace(base, **explicit)
-    res = train(cfg, resume=args.resume, progress=not args.no_progress)
+    return dataclasses.replace(base, **explicit)
+
+
+def _report(res: TrainResult) -> int:
     files = [p for p in (res.latest, res.best, res.metrics, res.plot) if p]
     print(f"\nstopped ({res.stopped.replace('_', ' ')}) at step {res.step}"
           + (f"; best validation loss {res.best_val_loss:.4f} nats/char = {res.best_val_loss / LN2:.4f} bits/char"
@@ -165,8 +186,13 @@ def register(subparsers: Any) -> None:
     g.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue exactly from a checkpoint (settings not given default to the checkpoint's)")
     g.add_argument("--threads", type=int, metavar="N",
-                   help="BLAS threads while training (default 0: BLAS's own setting, all cores); "
-                        "1 is faster when other work keeps the cores busy")
+                   help="BLAS threads while training (default 0: BLAS's own setting, all cores; with "
+                        "--distributed, the cores per rank on each machine); 1 is faster when other work keeps "
+                        "the cores busy")
+    g.add_argument("--distributed", action="store_true",
+                   help="train one model on the ranks of an MPI job, data-parallel, --batch-size being the "
+                        "global batch: mpiexec -n N python -m mpi4py -m grumpy train ... --distributed "
+                        "(needs the mpi extra; docs/distributed.md)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_cmd)
 

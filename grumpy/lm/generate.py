@@ -20,24 +20,43 @@ def estimate_loss(model: CharModel, ids: np.ndarray, *, batch_size: int = 32, se
     ``seq_len`` with the state carried, so every prediction (bar the first
     few of each stream) sees a long context. Dropout is off while evaluating.
     """
+    total, count = loss_sums(model, ids, batch_size=batch_size, seq_len=seq_len)
+    if count == 0:
+        raise ValueError("estimate_loss: need at least two characters")
+    return total / count
+
+
+def loss_sums(model: CharModel, ids: np.ndarray, *, batch_size: int = 32, seq_len: int = 100,
+              share: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+    """(sum of the losses in nats, number of predictions) of :func:`estimate_loss`'s
+    streams, or with ``share`` (rank, size) of that rank's share of them: streams
+    [b*rank//size, b*(rank+1)//size) and, for the last rank, the leftover, so the
+    ranks' sums add up to the whole (training over MPI, :mod:`grumpy.lm.distributed`)."""
+    rank, size = share
+    b = min(batch_size, len(ids) - 1)
+    b0, b1 = b * rank // size, b * (rank + 1) // size
     was_training = model.gru.training
     model.eval()
     total, count = 0.0, 0
     h: np.ndarray | None = None
     try:
         for x, y, reset in eval_windows(ids, batch_size, seq_len):
+            if x.shape[1] == b:
+                x, y = x[:, b0:b1], y[:, b0:b1]
+            elif b1 < b:  # the leftover continues stream b - 1, another rank's
+                continue
+            if x.shape[1] == 0:  # more ranks than streams
+                continue
             if reset or h is None:
                 h = model.init_state(x.shape[1])
             elif x.shape[1] != h.shape[1]:  # the leftover continues the last stream
                 h = np.ascontiguousarray(h[:, -1:])
-            logits, h = model.forward(x, h, grad=False)
+            logits, h = model.forward(np.ascontiguousarray(x), h, grad=False)
             total += nll(logits, y, reduction="sum")
             count += y.size
     finally:
         model.train(was_training)
-    if count == 0:
-        raise ValueError("estimate_loss: need at least two characters")
-    return total / count
+    return total, count
 
 
 def evaluate(

@@ -34,10 +34,10 @@ class Reporter:
         else:
             print(msg, flush=True)
 
-    def open(self, metrics_path: str, *, progress: bool, total: float, initial: float, by_steps: bool) -> None:
-        """Start appending to metrics_path and, with ``progress``, show a bar counting
-        steps (``by_steps``) or seconds up to ``total``."""
-        self.metrics = open(metrics_path, "a", encoding="utf-8")
+    def open(self, metrics_path: str | None, *, progress: bool, total: float, initial: float, by_steps: bool) -> None:
+        """Start appending to metrics_path (None: record nothing, as ranks other than 0
+        do) and, with ``progress``, show a bar counting steps (``by_steps``) or seconds up to ``total``."""
+        self.metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path is not None else None
         self._rate_t = time.perf_counter()
         if not progress:
             return
@@ -59,7 +59,8 @@ class Reporter:
             self.metrics.close()
 
     def record(self, **row: Any) -> None:
-        assert self.metrics is not None
+        if self.metrics is None:
+            return
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
 

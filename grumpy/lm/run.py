@@ -17,6 +17,7 @@ import numpy as np
 from grumpy.lm.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
 from grumpy.lm.config import ARCH_FIELDS, TrainConfig, check_train_config, opt
 from grumpy.lm.data import Position, StreamBatcher, Vocab, load_text, min_text_length, split_text, text_digest
+from grumpy.lm.distributed import Team, columns
 from grumpy.lm.model import CharModel
 from grumpy.lm.report import read_metrics
 from grumpy.optim import Optimizer, make_optimizer
@@ -25,7 +26,10 @@ from grumpy.optim import Optimizer, make_optimizer
 @dataclass
 class Run:
     """What changes as training goes (model, optimiser, data position, carried state
-    ``h`` (L, B, H), step, best validation loss, time spent) and where it is written."""
+    ``h`` (L, B, H), step, best validation loss, time spent) and where it is written.
+
+    Over MPI (``team`` of several ranks) each rank holds the whole model and the data
+    position, ``h`` only for its own streams (L, B/N, H); rank 0 writes the files."""
 
     cfg: TrainConfig
     out: str
@@ -42,6 +46,12 @@ class Run:
     stale_evals: int = 0  # evaluations since the best one (for --patience)
     elapsed_before: float = 0.0  # seconds spent before this process took over
     t_start: float = field(default_factory=time.perf_counter)
+    team: Team = field(default_factory=Team)
+
+    def zero_state(self) -> np.ndarray:
+        """A zero carried state for this rank's streams."""
+        b0, b1 = self.team.streams(self.cfg.batch_size)
+        return self.model.init_state(b1 - b0)
 
     @property
     def latest(self) -> str:
@@ -60,7 +70,14 @@ class Run:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
     def save(self, path: str, full: bool = True) -> None:
-        """A checkpoint; ``full=False`` leaves out the optimiser and the carried state (best.safetensors)."""
+        """A checkpoint; ``full=False`` leaves out the optimiser and the carried state (best.safetensors).
+        Over MPI every rank calls it (the carried state is gathered from all of them); rank 0 writes."""
+        hidden = None
+        if full:
+            hidden = self.team.gather_streams(self.h)
+            self.team.check_identical(self.model.params)
+        if not self.team.root:
+            return
         meta = {
             "step": self.step, "best_val_loss": self.best_val, "stale_evals": self.stale_evals,
             "elapsed": self.elapsed(),
@@ -69,14 +86,18 @@ class Run:
             "train_config": dataclasses.asdict(self.cfg),
         }
         save_checkpoint(path, self.model, vocab=self.vocab.chars, optimizer=self.optimizer if full else None,
-                        meta=meta, hidden=self.h if full else None)
+                        meta=meta, hidden=hidden)
 
 
-def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None]) -> Run:
+def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None], team: Team | None = None) -> Run:
     """Check ``cfg``, read the text, prepare the output directory and build the run:
     fresh, or everything the checkpoint ``resume`` holds. Bad input raises ValueError
-    naming the option or file."""
+    naming the option or file. With a ``team`` of several ranks, this rank's share of
+    the streams (a batch they do not divide is a ValueError); only rank 0 touches the
+    output directory."""
+    team = team or Team()
     check_train_config(cfg)
+    b0, b1 = team.streams(cfg.batch_size)
     if resume is not None and cfg.init_from is not None:
         raise ValueError("--init-from and --resume: --resume continues a run, --init-from starts a new one "
                          "from another's weights; choose one")
@@ -103,7 +124,8 @@ def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None]) -
     else:
         vocab = Vocab.from_text(text)
     out = cfg.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(cfg.text_file))
-    prepare_out_dir(out, resume)
+    if team.root:
+        prepare_out_dir(out, resume)
 
     train_ids, val_ids = split_text(vocab.encode(text), cfg.val_fraction)
     hp: dict[str, Any] = {}
@@ -125,9 +147,11 @@ def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None]) -
         model = CharModel(cfg.model_config(len(vocab)), seed=cfg.seed)
     run = Run(cfg, out, name, vocab, text_digest(text), model, make_optimizer(cfg.optimizer, cfg.lr, **hp),
               StreamBatcher(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed), val_ids,
-              model.init_state(cfg.batch_size))
+              model.init_state(b1 - b0), team=team)
     if ck is not None:
         _restore(run, ck, resume, say)
+    if not team.alone and model.gru.dropout > 0:  # each rank its own dropout masks
+        model.gru.rng = np.random.default_rng([cfg.seed, run.step, team.rank])
     return run
 
 
@@ -190,13 +214,15 @@ def _restore(run: Run, ck: Checkpoint, resume: str | None, say: Callable[[str], 
         run.elapsed_before = float(m.get("elapsed", 0.0))
         if m.get("text_digest") == run.digest and "data_position" in m:
             run.batcher.pos = Position(**m["data_position"])
-            if ck.hidden is not None:
-                run.h = ck.hidden
+            if ck.hidden is not None:  # the whole batch's: this rank takes its streams
+                run.h = columns(ck.hidden, *run.team.streams(cfg.batch_size))
         else:
             say(f"note: {run.name} differs from the text the checkpoint was trained on; starting at its beginning")
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"--resume {resume}: cannot restore the training state ({e})") from None
     # Drop metrics logged after the checkpoint, which the resumed run will redo.
+    if not run.team.root:
+        return
     rows = [r for r in read_metrics(run.metrics) if r.get("step", 0) <= run.step]
     atomic_write_bytes(run.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
