@@ -14,12 +14,12 @@ import inspect
 import json
 import math
 import os
-import tempfile
 from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
+from grumpy._util import atomic_write_bytes
 from grumpy.estimators.heads import POOLINGS, linear_backward, linear_forward, pool_backward, pool_forward
 from grumpy.estimators.inputs import Sequences, check_sequences
 from grumpy.layers import GRU
@@ -124,35 +124,6 @@ def _numpy_scalar(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write so that a crash leaves the old file or the new one, never half of one:
-    a temporary file in the same directory, fsync, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every platform can open a directory
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _check_number(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
@@ -435,7 +406,7 @@ class GRUEstimator:
         except TypeError as e:
             raise ValueError(f"save: a parameter or label cannot be stored as JSON ({e})") from None
         data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={META_KEY: text})
-        _atomic_write(os.fspath(path), data)
+        atomic_write_bytes(path, data)
 
     @classmethod
     def load(cls: type[E], path: str | os.PathLike[str]) -> E:
