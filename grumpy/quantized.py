@@ -85,22 +85,11 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # -- backends -----------------------------------------------------------------------
 
 
-_QK: Any = None  # grumpy.kernels.quantized_nb once imported; False when numba is missing or disabled
-
-
 def _numba() -> Any:
     """grumpy.kernels.quantized_nb, or None when numba is missing, disabled (GRUMPY_NUMBA=0) or not wanted."""
-    global _QK
-    if _QK is None:
-        _QK = False
-        if os.environ.get("GRUMPY_NUMBA", "1") != "0":
-            try:
-                from grumpy.kernels import quantized_nb
+    from grumpy.kernels.route import compiled_kernels
 
-                _QK = quantized_nb
-            except ImportError:
-                pass
-    return _QK if _QK and _BACKEND != "numpy" else None
+    return compiled_kernels("quantized_nb") if _BACKEND != "numpy" else None
 
 
 class _Mkl:

@@ -16,21 +16,9 @@ from grumpy.estimators.heads import (
     softmax_cross_entropy,
 )
 
+from gru_helpers import numeric_grad  # noqa: E402
+
 SMALL = dict(hidden_size=6, epochs=2, batch_size=8, seed=0)
-
-
-def numeric_grad(f, a, eps=1e-6):
-    """Central differences of the scalar f() with respect to every entry of a (changed in place)."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + eps
-        up = f()
-        a[i] = old - eps
-        down = f()
-        a[i] = old
-        g[i] = (up - down) / (2 * eps)
-    return g
 
 
 def ragged(rng, n, F, lo=1, hi=7):

@@ -26,6 +26,7 @@ shared    inference only: each core takes a share of the batch's rows through
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -50,22 +51,20 @@ INFER_CHUNK_BYTES = 1 << 23
 # Generation, one stream: from this H the step's matrix-vector products go to BLAS.
 STEP_BLAS_MIN = 512
 
-_NB: ModuleType | bool | None = None  # the numba kernels once imported; False when unavailable
+_LOADED: dict[str, ModuleType | None] = {}  # compiled-kernel modules once imported; None when unavailable
 
 
-def compiled_kernels() -> ModuleType | None:
-    """grumpy.kernels.nb (the numba kernels), or None: numba missing, or GRUMPY_NUMBA=0."""
-    global _NB
-    if _NB is None:
-        _NB = False
+def compiled_kernels(name: str = "nb") -> ModuleType | None:
+    """grumpy.kernels.<name> (numba kernels: ``nb``, ``quantized_nb``), imported on first
+    use, or None: numba missing, or GRUMPY_NUMBA=0."""
+    if name not in _LOADED:
+        _LOADED[name] = None
         if os.environ.get("GRUMPY_NUMBA", "1") != "0":
             try:
-                from grumpy.kernels import nb
-
-                _NB = nb
+                _LOADED[name] = importlib.import_module(f"grumpy.kernels.{name}")
             except ImportError:
                 pass
-    return _NB if isinstance(_NB, ModuleType) else None
+    return _LOADED[name]
 
 
 _TBB: bool | None = None
