@@ -22,7 +22,11 @@ Measures, in tokens per second (B*T per second):
 * the roofline: the float32 matrix-product rate of a large square product, and
   each training and inference point as a percentage of it, counting
   6 * 3H * (I + H) + 6 * H * V floating-point operations per token for training
-  and a third of that, the forward's, for inference.
+  and a third of that, the forward's, for inference;
+* precision: generation and inference (B = 1, 32, 128) at the generation grid's H
+  with the GRU's weights in int8 and bfloat16 (``grumpy.quantize``), against torch's
+  float32 ``nn.GRU`` and its dynamically quantized int8 GRU with the same weights
+  (the sides of ``benchmarks/quantized.py``, in their own processes).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ SIDES = ("grumpy", "composed", "torch", "jax")
 # (GRUMPY_NUMBA=0, GRUMPY_MKL=0), i.e. the pure NumPy kernels, as a baseline measured in the same run.
 EXTRA_SIDES = ("numpy",)
 
+MEASURES = ("train", "infer", "gen", "memory", "precision")
 FULL = {"H": [64, 256, 1024], "B": [1, 32, 128], "gen_H": [256, 1024], "mem": (1024, 128)}
 QUICK = {"H": [64], "B": [1, 32], "gen_H": [256], "mem": (64, 32)}
 
@@ -481,7 +486,7 @@ def run(
     sides: list[str] | None = None,
     repeats: int | None = None,
     threads: int | None = None,
-    measures: tuple[str, ...] = ("train", "infer", "gen", "memory"),
+    measures: tuple[str, ...] = MEASURES,
     hidden: list[int] | None = None,
     batch: list[int] | None = None,
     log: Callable[[str], None] = lambda s: None,
@@ -558,7 +563,32 @@ def run(
         log(f"memory {s}: {result['memory'][s]}")
     rates = [g for g in result["matmul_gflops"].values() if g]
     result["roofline_gflops"] = max(rates) if rates else None
+    if "precision" in measures:
+        result["precision"] = _precision_rows(quick, threads, repeats, grid["gen_H"], log)
     return result
+
+
+def _quantized_harness() -> Any:
+    """benchmarks/quantized.py, the reduced-precision sides (its own workers and table)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantized.py")
+    spec = importlib.util.spec_from_file_location("grumpy_bench_quantized", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _precision_rows(quick: bool, threads: int, repeats: int, hidden: list[int],
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """Generation and inference (B = 1, 32, 128) in grumpy float32, int8 and bfloat16 against
+    torch float32 and torch's dynamic int8 GRU with the same weights (benchmarks/quantized.py)."""
+    if importlib.util.find_spec("torch") is None:
+        return {"skipped": "torch not installed"}
+    q = _quantized_harness()
+    points = [("gen", H, 1) for H in hidden]
+    points += [("infer", H, B) for H in hidden for B in ((1, 32) if quick else (1, 32, 128))]
+    log("reduced precision: " + ", ".join(f"{m} H={H} B={B}" for m, H, B in points))
+    return {"points": q.run(points, max(repeats, 3), 0.05 if quick else 0.4, threads, 0.3)}
 
 
 def _version(side: str) -> str:
@@ -634,6 +664,13 @@ def to_markdown(res: dict[str, Any]) -> str:
     errs = [f"{p['mode']} H={p['H']} B={p['B']} {s}: {e}" for p in res["points"] for s, e in p["error"].items()]
     if errs:
         out.append("Errors: " + "; ".join(errs))
+    prec = res.get("precision")
+    if prec and "points" in prec:
+        out.append("\nReduced precision (inference only; tokens/s, each side in its own process, medians of "
+                   "alternated samples; only the GRU is quantized):\n\n" + _quantized_harness().to_markdown(prec["points"])
+                   + "\n")
+    elif prec:
+        out.append(f"Reduced precision: n/a ({prec['skipped']}).")
     m = res["machine"]
     vers = "; ".join(m.get("versions", {}).values())
     out.append(f"Machine: {m['cores']} cores, {m['threads']} threads per side, Python {m['python']}; {vers}. "
@@ -651,8 +688,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads per side (default: all cores)")
     p.add_argument("--hidden", default=None, help="comma-separated hidden sizes replacing the grid's")
     p.add_argument("--batch", default=None, help="comma-separated batch sizes replacing the grid's")
-    p.add_argument("--measures", default="train,infer,gen,memory",
-                   help="comma-separated subset of train,infer,gen,memory (default: all)")
+    p.add_argument("--measures", default=",".join(MEASURES),
+                   help=f"comma-separated subset of {','.join(MEASURES)} (default: all); precision: the int8 and "
+                   "bfloat16 rows against torch's float32 and dynamic int8 GRU")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -684,9 +722,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
     measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
-    if not measures or any(m not in ("train", "infer", "gen", "memory") for m in measures):
-        raise ValueError(
-            f"--measures: expected a comma-separated subset of train,infer,gen,memory, got {args.measures!r}")
+    if not measures or any(m not in MEASURES for m in measures):
+        raise ValueError(f"--measures: expected a comma-separated subset of {','.join(MEASURES)}, got {args.measures!r}")
     sizes = {}
     for name in ("hidden", "batch"):
         text = getattr(args, name)

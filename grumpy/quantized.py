@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from grumpy.kernels.route import INFER_CHUNK_BYTES, PARALLEL_MIN, QUANT_DENSE_K, QUANT_PARALLEL_MIN, parallel_gates_ok
 from grumpy.layers import GRU, lengths_mask
 from grumpy.stream import StreamState, check_streamable
 
@@ -49,13 +50,6 @@ _F32 = np.dtype(np.float32)
 _BLOCK = 1024  # int8 products are exact in float32 up to this many terms (see grumpy.kernels.quantized_nb)
 # "auto": MKL for batches, numba, then NumPy; "numba" or "numpy" forces one.
 _BACKEND = os.environ.get("GRUMPY_QUANT_BACKEND", "auto")
-# From this many multiply-adds on, the compiled products and gate kernels use all cores.
-_PARALLEL_MIN = 1 << 18
-# Inference computes the input products this many bytes' worth of steps at a time.
-_CHUNK_BYTES = 1 << 23
-# Input products with rows shorter than this use MKL's float32 product on a float32 copy
-# of the quantized values (at most 3H x 128 x 4 bytes) instead of its bfloat16 product.
-_DENSE_K = 128
 
 
 # -- the number formats -----------------------------------------------------------
@@ -193,7 +187,7 @@ class QMatrix:
         out = np.empty((N, R), _F32)
         mkl = _mkl() if N > 1 else None
         nb = _numba()
-        if mkl is not None and not pack and K < _DENSE_K:
+        if mkl is not None and not pack and K < QUANT_DENSE_K:
             # short rows (a layer's input, e.g. 65 one-hot characters): MKL's float32 product
             # on the quantized values, faster than its bfloat16 product for short rows (which
             # suits long ones); exact for int8, the same float32 sums for bfloat16
@@ -217,8 +211,15 @@ class QMatrix:
                     self._blocks(lambda k0, k1, c: mkl.gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, N, R, k1 - k0, 1.0,
                                                             a16[:, k0:].ctypes.data, K, w16[:, k0:].ctypes.data, K,
                                                             0.0, c.ctypes.data, R), K, out)
+        elif N > 1 and _BACKEND == "auto":
+            # a batch without MKL: NumPy's float32 product on the float32 values of the
+            # quantized numbers (a copy kept, 4 bytes a weight), many times faster than the
+            # compiled loops over int8 or bfloat16 and the same numbers: integer sums exact
+            # below 2^24 for int8 (hence the blocks), float32 sums for bfloat16
+            w = self.dense()
+            self._blocks(lambda k0, k1, c: np.matmul(aq[:, k0:k1], w[:, k0:k1].T, out=c), K, out)
         elif nb is not None:
-            big = N * R * K >= _PARALLEL_MIN
+            big = N * R * K >= QUANT_PARALLEL_MIN
             if self.precision == "int8":
                 (nb.products_int8_parallel if big else nb.products_int8_serial)(aq.astype(np.int16), self.data, out)
             else:
@@ -333,14 +334,14 @@ class _Cell:
         aq, sa_ = self.w_hh.quantize_activations(hp)
         gh = self.w_hh.products(aq, pack=True)
         sa = np.ones(B, _F32) if sa_ is None else sa_
-        gates = nb.gates_parallel if B * H >= 1 << 16 else nb.gates_serial
+        gates = nb.gates_parallel if B * H >= PARALLEL_MIN and parallel_gates_ok() else nb.gates_serial
         gates(gi_raw, si, self.w_ih.scale, gh, sa, self.w_hh.scale, self.b_ih, self.b_hh, hp, ho,
               np.empty(0, _F32) if m is None else m)
 
     def _fused_step(self, nb: Any, x: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
         """One stream: one compiled call for both products and the gates."""
         H, I = self.H, x.shape[0]
-        big = 3 * H * (H + I) >= _PARALLEL_MIN
+        big = 3 * H * (H + I) >= QUANT_PARALLEL_MIN
         if self._scratch is None:  # kept: fresh arrays cost a noticeable share of a small step
             self._scratch = (np.empty((2, 3 * H), _F32), np.empty((1, I), _F32), np.empty((1, H), _F32))
         g, xq, hq = self._scratch
@@ -379,7 +380,7 @@ class _Cell:
         exact = self.w_hh.precision == "bfloat16" or H <= _BLOCK
         mkl = _mkl() if B > 1 and self.reset_after and nb is not None and exact else None
         loop = None if mkl is None else self._compiled_loop(nb, mkl, B, mask, T)
-        chunk = max(1, min(T, _CHUNK_BYTES // (B * 3 * H * 4)))
+        chunk = max(1, min(T, INFER_CHUNK_BYTES // (B * 3 * H * 4)))
         for c0 in range(0, T, chunk):
             ts = order[c0 : c0 + chunk]
             lo, n = min(ts), len(ts)
@@ -417,7 +418,7 @@ class _Cell:
         aq, a16 = np.empty((B, H), _F32), np.empty((B, H), np.uint16)
         sa, gh = np.ones(B, _F32), np.empty((B, 3 * H), _F32)
         int8 = w.precision == "int8"
-        parallel = B * H >= 1 << 16
+        parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
 
         def run(gi: np.ndarray, si: np.ndarray, hs: np.ndarray, lo: int, n: int, reverse: bool) -> None:
             with _blas._threads(B * 3 * H * H):

@@ -37,6 +37,14 @@ def test_bench_quick_table_and_json(tmp_path):
         assert res["memory"][side]["step_peak_mb"] >= 0
     assert res["roofline_gflops"] > 0
     assert "Peak memory" in proc.stdout and "Roofline" in proc.stdout
+    # the reduced-precision rows: every side of every point ran, and the table shows them
+    prec = res["precision"]["points"]
+    assert {(p["mode"], p["B"]) for p in prec} == {("gen", 1), ("infer", 1), ("infer", 32)}
+    for p in prec:
+        assert not p["errors"], p["errors"]
+        assert set(p["tok_s"]) == {"grumpy-f32", "grumpy-int8", "grumpy-bf16", "torch-f32", "torch-int8"}
+        assert min(p["tok_s"].values()) > 0
+    assert "Reduced precision" in proc.stdout and "| int8 / torch int8 |" in proc.stdout
 
 
 def test_bench_rejects_unknown_side():

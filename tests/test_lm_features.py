@@ -178,3 +178,38 @@ def test_sample_and_eval_take_a_precision(tmp_path, text_file, capsys):
     with pytest.raises(SystemExit) as e:  # argparse refuses it, naming the choices
         main(["eval", str(ck), str(text_file), "--precision", "float16"])
     assert e.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_char_model_dropout_reaches_the_head_and_its_gradient_is_exact():
+    """Training dropout also masks the head's input (Zaremba et al.); with the masks held
+    fixed (the same random stream for each forward), the hand-written gradient matches
+    central differences in float64, and evaluation mode draws no mask at all."""
+    from gru_helpers import numeric_grad
+
+    from grumpy.lm.model import CharModel, ModelConfig, cross_entropy
+
+    model = CharModel(ModelConfig(vocab_size=7, hidden_size=5, num_layers=2, embedding_dim=3, dropout=0.4,
+                                  dtype="float64"), seed=0)
+    rng = np.random.default_rng(2)
+    idx, y = rng.integers(0, 7, (4, 3)), rng.integers(0, 7, 12)
+
+    def loss() -> float:
+        model.gru.rng = np.random.default_rng(9)  # the same masks at every call
+        logits, _ = model.forward(idx)
+        return cross_entropy(logits.reshape(12, 7), y)[0]
+
+    model.gru.rng = np.random.default_rng(9)
+    logits, _ = model.forward(idx)
+    _, d = cross_entropy(logits.reshape(12, 7), y)
+    model.zero_grad()
+    model.backward(d.reshape(4, 3, 7))
+    for name in ("head.weight", "embedding.weight", "gru.weight_hh_l1"):
+        num = numeric_grad(loss, model.params[name])
+        np.testing.assert_allclose(model.grads[name], num, rtol=1e-6, atol=1e-9, err_msg=name)
+    # the head's input was masked (some units zeroed) in that forward
+    drop = model._cache[2]
+    assert drop is not None and (drop == 0).any()
+    model.eval()
+    a, _ = model.forward(idx, grad=False)
+    b, _ = model.forward(idx, grad=False)
+    np.testing.assert_array_equal(a, b)  # no mask in evaluation

@@ -50,6 +50,13 @@ SHARE_MIN_ROWS = 64
 INFER_CHUNK_BYTES = 1 << 23
 # Generation, one stream: from this H the step's matrix-vector products go to BLAS.
 STEP_BLAS_MIN = 512
+# Reduced precision (grumpy.quantized): the compiled int8 / bfloat16 products and the
+# one-stream step use all cores from this many multiply-adds.
+QUANT_PARALLEL_MIN = 1 << 18
+# Reduced precision with MKL: input products with rows shorter than this use MKL's float32
+# product on a float32 copy of the quantized values (at most 3H x 128 x 4 bytes), faster
+# there than its bfloat16 product, which suits long rows.
+QUANT_DENSE_K = 128
 
 _LOADED: dict[str, ModuleType | None] = {}  # compiled-kernel modules once imported; None when unavailable
 

@@ -19,7 +19,7 @@ class Architecture:
     hidden_size: int = 256
     num_layers: int = 2
     embedding_dim: int = 64  # 0: feed one-hot vectors straight into the GRU, as seed 004 does
-    dropout: float = 0.0  # between GRU layers, in training only; the one field a resume may change
+    dropout: float = 0.0  # between GRU layers and before the head (language model), in training only; the one field a resume may change
     reset_after: bool = True
     dtype: str = "float32"
 
