@@ -666,9 +666,9 @@ def to_markdown(res: dict[str, Any]) -> str:
         out.append("Errors: " + "; ".join(errs))
     prec = res.get("precision")
     if prec and "points" in prec:
+        table = _quantized_harness().to_markdown(prec["points"])
         out.append("\nReduced precision (inference only; tokens/s, each side in its own process, medians of "
-                   "alternated samples; only the GRU is quantized):\n\n" + _quantized_harness().to_markdown(prec["points"])
-                   + "\n")
+                   f"alternated samples; only the GRU is quantized):\n\n{table}\n")
     elif prec:
         out.append(f"Reduced precision: n/a ({prec['skipped']}).")
     m = res["machine"]
@@ -723,7 +723,8 @@ def _run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
     measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
     if not measures or any(m not in MEASURES for m in measures):
-        raise ValueError(f"--measures: expected a comma-separated subset of {','.join(MEASURES)}, got {args.measures!r}")
+        raise ValueError(
+            f"--measures: expected a comma-separated subset of {','.join(MEASURES)}, got {args.measures!r}")
     sizes = {}
     for name in ("hidden", "batch"):
         text = getattr(args, name)

@@ -43,7 +43,8 @@ def main() -> None:
     p.add_argument("configs", nargs="+", help="grumpy train options per configuration ('' for the defaults)")
     p.add_argument("--budget", type=float, default=300.0, help="--time-budget of every run (seconds)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--log", default="lm_search.jsonl", help="JSON lines of finished runs; runs found there are not redone")
+    p.add_argument("--log", default="lm_search.jsonl",
+                   help="JSON lines of finished runs; runs found there are not redone")
     args = p.parse_args()
 
     log = Path(args.log)
@@ -59,7 +60,8 @@ def main() -> None:
             print(f"  {options or '(defaults)'} seed {seed}: {r['best_val']:.4f} at {r['best_at_s']:.0f} s, "
                   f"{r['chars_per_s'] / 1000:.1f}k chars/s", file=sys.stderr, flush=True)
 
-    print(f"| options (budget {args.budget:g} s) | best validation loss per seed (nats/char) | mean | steps | chars/s |")
+    print(f"| options (budget {args.budget:g} s) | best validation loss per seed (nats/char) | mean | steps "
+          "| chars/s |")
     print("| --- | --- | ---: | ---: | ---: |")
     for options in args.configs:
         rs = [r for r in done if r["options"] == options and r["budget"] == args.budget and r["seed"] in args.seeds]

@@ -6,7 +6,12 @@ validation split, 32 streams with the state carried), for a wall-time budget,
 and prints the best validation loss reached by each checkpoint time. Time spent
 evaluating is not counted against torch's budget, which favours torch.
 
-    python benchmarks/torch_lm.py --minutes 5 10
+    python benchmarks/torch_lm.py --minutes 5
+
+Its settings default to `grumpy train`'s own (``grumpy.lm.TrainConfig``): the same
+architecture, dropout (between the layers and on the head's input), window, batch,
+Adam rate, clipping and cosine schedule with warm-up, the schedule's progress being
+the share of the last ``--minutes`` mark used.
 """
 
 from __future__ import annotations
@@ -19,23 +24,27 @@ import time
 import numpy as np
 import torch
 
+from grumpy.lm.config import TrainConfig
 from grumpy.lm.data import StreamBatcher, Vocab, eval_windows, load_text, split_text
+from grumpy.optim import lr_at
 
 
 class TorchCharModel(torch.nn.Module):
-    def __init__(self, V: int, E: int, H: int, L: int) -> None:
+    def __init__(self, V: int, E: int, H: int, L: int, dropout: float) -> None:
         super().__init__()
         self.embedding = torch.nn.Embedding(V, E)
-        self.gru = torch.nn.GRU(E, H, L)
+        self.gru = torch.nn.GRU(E, H, L, dropout=dropout)
+        self.drop = torch.nn.Dropout(dropout)  # on the head's input too, as grumpy's CharModel
         self.head = torch.nn.Linear(H, V)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         out, h = self.gru(self.embedding(x), h)
-        return self.head(out), h
+        return self.head(self.drop(out)), h
 
 
 @torch.no_grad()
 def val_loss(model: TorchCharModel, ids: np.ndarray) -> float:
+    model.eval()
     total, count, h = 0.0, 0, None
     for x, y, reset in eval_windows(ids, 32, 100):
         if reset or h is None:
@@ -46,20 +55,26 @@ def val_loss(model: TorchCharModel, ids: np.ndarray) -> float:
         lp = torch.log_softmax(logits.double(), -1)
         total -= lp.gather(-1, torch.from_numpy(y).long()[..., None]).sum().item()
         count += y.size
+    model.train()
     return total / count
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, nargs="+", default=[5, 10], help="report the best loss by these times")
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--embedding-dim", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=100)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=250)
+    d = TrainConfig()
+    p.add_argument("--minutes", type=float, nargs="+", default=[5], help="report the best loss by these times")
+    p.add_argument("--hidden-size", type=int, default=d.hidden_size)
+    p.add_argument("--num-layers", type=int, default=d.num_layers)
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -70,7 +85,7 @@ def main() -> None:
     vocab = Vocab.from_text(text)
     train_ids, val_ids = split_text(vocab.encode(text))
     batches = StreamBatcher(train_ids, args.batch_size, args.seq_len, seed=args.seed)
-    model = TorchCharModel(len(vocab), args.embedding_dim, args.hidden_size, args.num_layers)
+    model = TorchCharModel(len(vocab), args.embedding_dim, args.hidden_size, args.num_layers, args.dropout)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 
     marks = sorted(m * 60 for m in args.minutes)
@@ -86,6 +101,10 @@ def main() -> None:
             logits, h = model(torch.from_numpy(x).long(), h)
             h = h.detach()
             target = torch.from_numpy(y).long().reshape(-1)
+            progress = (trained_s + time.perf_counter() - t0) / (60 * args.minutes[-1])
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                                    progress=min(progress, 1.0), min_ratio=args.min_lr_ratio)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), target)
             opt.zero_grad()
             loss.backward()

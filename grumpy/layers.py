@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from grumpy._util import check_dtype, check_positive_int, orthogonal_blocks, uniform_init
+from grumpy._util import check_dtype, check_positive_int, dropout_mask, orthogonal_blocks, uniform_init
 from grumpy.kernels import ROUTES, Route, gru_sequence_backward, gru_sequence_forward, state_views
 
 # A kernel runs one direction of one layer over a sequence:
@@ -322,10 +322,9 @@ class RecurrentStack:
         mask = None if lengths is None else lengths_mask(lengths, T, B, self.dtype)
         drop: list[np.ndarray | None] = [None] * self.num_layers
         if self.training and self.dropout > 0:
-            keep = 1.0 - self.dropout
             width = self.num_directions * self.hidden_size
             for layer in range(1, self.num_layers):
-                drop[layer] = ((self.rng.random((T, B, width)) < keep) / keep).astype(self.dtype)
+                drop[layer] = dropout_mask(self.rng, (T, B, width), self.dropout, self.dtype)
         fwd, _ = self._kernels()
         return stack_forward(
             fwd, self.params, x, h0, num_layers=self.num_layers,

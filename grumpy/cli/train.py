@@ -137,7 +137,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--one-hot", action="store_true", help="feed one-hot characters instead of an embedding")
     g.add_argument("--reset-before", action="store_true",
                    help="apply the reset gate before the recurrent product (Cho et al. 2014) instead of after")
-    g.add_argument("--dropout", type=float, metavar="X", help=f"dropout between GRU layers and on the head's input (default {d.dropout})")
+    g.add_argument("--dropout", type=float, metavar="X", help=f"dropout between GRU layers and on the head's input "
+                   f"(default {d.dropout})")
     g.add_argument("--dtype", choices=("float32", "float64"), help=f"parameter type (default {d.dtype})")
     g = p.add_argument_group("data")
     g.add_argument("--seq-len", type=int, metavar="N",

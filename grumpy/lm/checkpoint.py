@@ -219,7 +219,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[CharModel, dict[str, Any]]:
-    """The model stored in a checkpoint, and its metadata dict (with at least
-    "config", "vocab" and "step"). Raises ValueError for any bad file."""
+    """The model stored in a checkpoint, in evaluation mode (no dropout: call
+    ``.train()`` to train it), and its metadata dict (with at least "config", "vocab"
+    and "step"). Raises ValueError for any bad file."""
     ck = load_checkpoint(path)
-    return ck.model, ck.meta
+    return ck.model.eval(), ck.meta

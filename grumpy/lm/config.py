@@ -19,7 +19,8 @@ class Architecture:
     hidden_size: int = 256
     num_layers: int = 2
     embedding_dim: int = 64  # 0: feed one-hot vectors straight into the GRU, as seed 004 does
-    dropout: float = 0.0  # between GRU layers and before the head (language model), in training only; the one field a resume may change
+    # between GRU layers and on the head's input, in training only; the one field a resume may change
+    dropout: float = 0.0
     reset_after: bool = True
     dtype: str = "float32"
 
@@ -62,6 +63,7 @@ class TrainConfig(Architecture):
     """Every setting of a training run (JSON round-trips via dataclasses.asdict / from_dict);
     the model's fields come from :class:`Architecture`. Field ``x_y`` is option ``--x-y``."""
 
+    dropout: float = 0.2  # a run's default: measured best for the 5-minute run (docs/lm.md)
     text_file: str | None = None  # None: the Shakespeare corpus shipped with grumpy
     out_dir: str | None = None  # None: runs/<text file stem>
     # data
@@ -70,7 +72,7 @@ class TrainConfig(Architecture):
     val_fraction: float = 0.1
     # optimisation
     optimizer: str = "adam"
-    lr: float = 4e-3
+    lr: float = 3e-3
     weight_decay: float | None = None  # None: the optimiser's own default
     momentum: float = 0.9  # sgd only
     clip_norm: float | None = 1.0

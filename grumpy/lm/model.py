@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from grumpy._util import check_dtype
+from grumpy._util import check_dtype, dropout_mask
 from grumpy.kernels import GRUStep, gru_step
 from grumpy.kernels.blas import column_sums, matmul
 from grumpy.kernels.route import compiled_kernels
@@ -212,8 +212,7 @@ class CharModel:
         # Zaremba et al. (2014) do; with it, the default 2-layer model overfits far less (docs/lm.md).
         drop = None
         if self.gru.training and self.config.dropout > 0:
-            keep = 1.0 - self.config.dropout
-            drop = ((self.gru.rng.random((T, B, H)) < keep) / keep).astype(self.dtype)
+            drop = dropout_mask(self.gru.rng, (T, B, H), self.config.dropout, self.dtype)
             out = out * drop
         logits = matmul(out.reshape(T * B, H), self._own["head.weight"].T).reshape(T, B, V)
         logits += self._own["head.bias"]
