@@ -42,6 +42,7 @@ ROUTES = {
     "steps-no-mkl": K.Route("steps", chunk_bytes=SMALL_CHUNKS),  # the loop where MKL is not installed
     "steps-parallel": K.Route("steps", parallel=True, chunk_bytes=SMALL_CHUNKS),  # gate kernels on all cores
     "shared": K.Route("shared", shares=((0, 1), (1, 3))),  # the batch's rows shared among threads, unevenly
+    "step": K.Route("step"),  # the generation step at every step
 }
 
 
@@ -64,7 +65,7 @@ def test_inference_matches_training_forward(monkeypatch, dtype, reset_after, bid
     x = rng.standard_normal((T, B, I)).astype(dtype)
     h0 = rng.standard_normal((2 * (1 + bidirectional), B, H)).astype(dtype)
     lengths = np.array([T, 4, 1]) if masked else None
-    gru.route = None if route is not None and route.kind == "shared" else route  # training cannot share
+    gru.route = None if route is not None and route.kind in ("shared", "step") else route  # inference-only routes
     want = gru.forward(x, h0, lengths=lengths)
     gru.route = route
     got = gru.forward(x, h0, lengths=lengths, grad=False)
@@ -147,3 +148,21 @@ def test_nll_equals_cross_entropy_and_is_stable(dtype):
         assert np.isnan(nll(bad, y))
     with pytest.raises(ValueError, match="reduction"):
         nll(logits, y, reduction="none")
+
+
+@pytest.mark.parametrize("H", [8, 600])  # the compiled step below STEP_BLAS_MIN, BLAS's products above
+def test_one_step_of_one_stream_takes_the_step_route_and_agrees(H):
+    """A user's generation loop, ``forward`` on (1, 1, I) without gradients, takes the
+    generation step (no loop set-up); its result equals the training forward's."""
+    if not K.use_compiled(np.float32, True):
+        pytest.skip("numba not available")
+    assert K.choose(np.float32, True, 1, H, grad=False, T=1).kind == "step"
+    assert K.choose(np.float32, True, 1, H, grad=True, T=1).kind != "step"
+    assert K.choose(np.float32, True, 1, H, grad=False, T=2).kind != "step"
+    rng = np.random.default_rng(3)
+    gru = GRU(5, H, num_layers=2, seed=2)
+    x = rng.standard_normal((1, 1, 5)).astype(np.float32)
+    h0 = rng.standard_normal((2, 1, H)).astype(np.float32)
+    want = gru.forward(x, h0)
+    got = gru.forward(x, h0, grad=False)
+    assert_same(want, got, np.float32)

@@ -14,7 +14,7 @@ backward takes the route its forward took.
 ``compiled_loops``  the compiled routes
 ``nb``              the numba kernels they call (gates fused, time loops)
 ``blas``            matrix products: MKL (packed weights) when installed, else NumPy
-``step``            one step for generation
+``step``            one step for generation, and the ``step`` route
 ==================  ==========================================================
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from grumpy.kernels import compiled_loops, numpy_loops
 from grumpy.kernels.common import SeqCache, state_views
 from grumpy.kernels.route import ROUTES, Route, choose, use_compiled
-from grumpy.kernels.step import GRUStep, gru_step
+from grumpy.kernels.step import GRUStep, gru_step, steps_forward
 
 __all__ = [
     "ROUTES", "GRUStep", "Route", "SeqCache", "choose", "gru_sequence_backward", "gru_sequence_forward",
@@ -61,7 +61,10 @@ def gru_sequence_forward(
     T, B, _ = x.shape
     H = h0.shape[-1]
     if not isinstance(route, Route):
-        route = choose(x.dtype, reset_after, B, H, grad=keep_cache, kind=route)
+        route = choose(x.dtype, reset_after, B, H, grad=keep_cache, kind=route, T=T if mask is None else None)
+    if route.kind == "step":
+        out, h_last = steps_forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
+        return out, h_last, None
     if route.kind == "numpy":
         return numpy_loops.forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, reverse, mask,
                                    keep_cache)

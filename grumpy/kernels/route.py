@@ -21,6 +21,9 @@ steps     a Python loop over the steps: one BLAS product and one compiled gate
           with MKL, large sizes and one stream at large H)
 shared    inference only: each core takes a share of the batch's rows through
           the whole sequence, BLAS on one thread in each, no synchronisation per step
+step      inference only, chosen for one step of one stream (T = 1, B = 1, every
+          step valid: a user's generation loop calling ``forward``): the generation
+          step :func:`grumpy.kernels.gru_step` at each step, none of the loops' set-up
 ========  ====================================================================
 """
 
@@ -35,7 +38,7 @@ import numpy as np
 
 from grumpy.kernels import blas
 
-ROUTES = ("numpy", "loop", "packed", "steps", "shared")
+ROUTES = ("numpy", "loop", "packed", "steps", "shared", "step")
 
 # Gate kernels use all cores from this many batch x hidden elements per step.
 PARALLEL_MIN = 1 << 16
@@ -117,13 +120,17 @@ def _even_shares(B: int, n: int) -> tuple[tuple[int, int], ...]:
     return tuple(zip(edges[:-1], edges[1:]))
 
 
-def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, kind: str | None = None) -> Route:
+def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, kind: str | None = None,
+           T: int | None = None) -> Route:
     """The route for a batch of B sequences of width H; ``grad``: a cache is kept for
-    the backward pass. ``kind`` names one explicitly (ValueError if it cannot run here)."""
+    the backward pass; ``T``: the number of steps when every step is valid (None with a
+    mask). ``kind`` names one explicitly (ValueError if it cannot run here)."""
     if kind is not None:
         return _named(kind, dtype, reset_after, B, H, grad)
     if not use_compiled(dtype, reset_after):
         return Route("numpy")
+    if not grad and T == 1 and B == 1:  # one step of one stream: the loops' set-up would dominate
+        return Route("step")
     parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
     n_shares = min(blas.cores(), B // SHARE_MIN_ROWS)
     if not grad and (blas.MKL is not None or blas.SGEMM is not None) and n_shares >= 2:
@@ -146,12 +153,14 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
     if not use_compiled(dtype, reset_after):
         raise ValueError(f"route {kind!r}: needs numba, float32 and reset_after=True "
                          f"(got {np.dtype(dtype)}, reset_after={reset_after})")
-    if kind == "shared" and grad:
-        raise ValueError("route 'shared': inference only (grad=False)")
+    if kind in ("shared", "step") and grad:
+        raise ValueError(f"route {kind!r}: inference only (grad=False)")
     if kind == "packed" and blas.MKL is None:
         raise ValueError("route 'packed': needs MKL's packed product, which is not loaded")
     if blas.SGEMM is None and (kind == "loop" or (kind == "shared" and blas.MKL is None)):
         raise ValueError(f"route {kind!r}: needs NumPy's BLAS (OpenBLAS), which was not found")
     if kind == "shared":
         return Route("shared", shares=_even_shares(B, max(1, min(blas.cores(), B))))
+    if kind == "step":
+        return Route("step")
     return Route(kind, B * H >= PARALLEL_MIN and parallel_gates_ok())

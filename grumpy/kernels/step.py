@@ -97,3 +97,31 @@ class GRUStep:
             nb.step_transposed(np.ascontiguousarray(x), np.ascontiguousarray(h), *self._prepared, out)
             return out
         return gru_step(x, h, *self.args, reset_after=self.reset_after)
+
+
+def steps_forward(
+    x: np.ndarray,
+    h0: np.ndarray,
+    weight_ih: np.ndarray,
+    weight_hh: np.ndarray,
+    bias_ih: np.ndarray | None,
+    bias_hh: np.ndarray | None,
+    reverse: bool,
+    mask: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``step`` route: x (T, B, I), h0 (B, H), mask (T, B, 1) or None -> output
+    (T, B, H), h_last (B, H), by :func:`gru_step` at each step (inference only)."""
+    T, B, _ = x.shape
+    out = np.empty((T, B, h0.shape[-1]), h0.dtype)
+    h = h0
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        # one stream as 1-d vectors: the compiled generation step
+        h_new = gru_step(x[t, 0], h[0], weight_ih, weight_hh, bias_ih, bias_hh)[None] if B == 1 else \
+            gru_step(x[t], h, weight_ih, weight_hh, bias_ih, bias_hh)
+        if mask is not None:
+            h_new = h + mask[t] * (h_new - h)
+            out[t] = mask[t] * h_new
+        else:
+            out[t] = h_new
+        h = h_new
+    return out, np.array(h)
