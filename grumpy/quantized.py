@@ -211,20 +211,17 @@ class QMatrix:
                     self._blocks(lambda k0, k1, c: mkl.gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, N, R, k1 - k0, 1.0,
                                                             a16[:, k0:].ctypes.data, K, w16[:, k0:].ctypes.data, K,
                                                             0.0, c.ctypes.data, R), K, out)
-        elif N > 1 and _BACKEND == "auto":
-            # a batch without MKL: NumPy's float32 product on the float32 values of the
-            # quantized numbers (a copy kept, 4 bytes a weight), many times faster than the
-            # compiled loops over int8 or bfloat16 and the same numbers: integer sums exact
-            # below 2^24 for int8 (hence the blocks), float32 sums for bfloat16
-            w = self.dense()
-            self._blocks(lambda k0, k1, c: np.matmul(aq[:, k0:k1], w[:, k0:k1].T, out=c), K, out)
-        elif nb is not None:
+        elif nb is not None and (N == 1 or _BACKEND == "numba"):
             big = N * R * K >= QUANT_PARALLEL_MIN
             if self.precision == "int8":
                 (nb.products_int8_parallel if big else nb.products_int8_serial)(aq.astype(np.int16), self.data, out)
             else:
                 (nb.products_bf16_parallel if big else nb.products_bf16_serial)(aq, self.data, out)
         else:
+            # NumPy's float32 product on the float32 values of the quantized numbers (a copy
+            # kept, 4 bytes a weight): batches without MKL, many times faster there than the
+            # compiled loops over int8 or bfloat16, and the same numbers: integer sums exact
+            # below 2^24 for int8 (hence the blocks), float32 sums for bfloat16
             w = self.dense()
             self._blocks(lambda k0, k1, c: np.matmul(aq[:, k0:k1], w[:, k0:k1].T, out=c), K, out)
         return out
