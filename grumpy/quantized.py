@@ -105,6 +105,17 @@ class _Mkl:
             ctypes.cast(self.compute, ctypes.c_void_p).value or 0)
 
 
+def _vnni() -> Any:
+    """grumpy.kernels.vnni where the int8 products can run on AVX-512 VNNI (numba, a CPU
+    with it, backend "auto"), else None: the same integers as the portable paths."""
+    if _BACKEND != "auto" or _numba() is None:
+        return None
+    from grumpy.kernels.route import compiled_kernels
+
+    vn = compiled_kernels("vnni")
+    return vn if vn is not None and vn.available() else None
+
+
 _MKL: Any = None  # an _Mkl once looked up; False when MKL or its bfloat16 products are missing
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 
@@ -138,6 +149,7 @@ class QMatrix:
         self._dense: np.ndarray | None = None  # float32 values of data (NumPy fallback)
         self._bits: np.ndarray | None = None  # bfloat16 bits of data (MKL)
         self._pack: tuple[int, np.ndarray] | None = None  # (rows, MKL's packed weights)
+        self._vnni_pack: tuple[np.ndarray, np.ndarray] | None = None  # (weights, sums' starts) for VNNI
 
     @property
     def nbytes(self) -> int:
@@ -149,7 +161,7 @@ class QMatrix:
         out.precision, out.shape = self.precision, (r1 - r0, self.shape[1])
         out.data, out.scale = self.data[r0:r1], self.scale[r0:r1]
         out._dense = out._bits = None
-        out._pack = None
+        out._pack = out._vnni_pack = None
         return out
 
     def dense(self) -> np.ndarray:
@@ -157,6 +169,13 @@ class QMatrix:
         if self._dense is None:
             self._dense = self.data.astype(_F32) if self.precision == "int8" else bf16_values(self.data)
         return self._dense
+
+    def vnni_packed(self, vn: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The int8 weights packed for the VNNI kernel (:func:`grumpy.kernels.vnni.pack`), kept:
+        a copy the size of the weights."""
+        if self._vnni_pack is None:
+            self._vnni_pack = vn.pack(self.data)
+        return self._vnni_pack
 
     def quantize_activations(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """a (N, K) float32 -> (its quantized values as float32 (N, K), per-row scales (N,) or None)."""
@@ -185,9 +204,17 @@ class QMatrix:
         N, K = aq.shape
         R = self.shape[0]
         out = np.empty((N, R), _F32)
+        vn = _vnni() if self.precision == "int8" else None
         mkl = _mkl() if N > 1 else None
         nb = _numba()
-        if mkl is not None and not pack and K < QUANT_DENSE_K:
+        if vn is not None:
+            u = np.empty((N, vn.padded_width(K)), np.uint8)  # padding: any bytes meet zero weights
+            vn.offset_rows(aq, u)
+            # batches on the calling thread unless numba's threads sleep when idle (TBB): the
+            # serial kernel already outruns NumPy's float32 product on both cores
+            big = N * R * K >= QUANT_PARALLEL_MIN and (N == 1 or parallel_gates_ok())
+            (vn.products_parallel if big else vn.products_serial)(*self.vnni_packed(vn), u, out)
+        elif mkl is not None and not pack and K < QUANT_DENSE_K:
             # short rows (a layer's input, e.g. 65 one-hot characters): MKL's float32 product
             # on the quantized values, faster than its bfloat16 product for short rows (which
             # suits long ones); exact for int8, the same float32 sums for bfloat16
@@ -306,6 +333,7 @@ class _Cell:
         self.H = H
         self.reset_after = reset_after
         self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the one-stream step's
+        self._vnni_scratch: tuple[np.ndarray, np.ndarray] | None = None  # its offset activations (VNNI)
         if not reset_after:  # W_hn acts on r ⊙ h: a second product after the gates r, z
             self.w_rz, self.w_n = self.w_hh.rows(0, 2 * H), self.w_hh.rows(2 * H, 3 * H)
 
@@ -343,7 +371,16 @@ class _Cell:
             self._scratch = (np.empty((2, 3 * H), _F32), np.empty((1, I), _F32), np.empty((1, H), _F32))
         g, xq, hq = self._scratch
         x, h = np.ascontiguousarray(x, _F32), np.ascontiguousarray(h, _F32)
-        if self.w_ih.precision == "int8":
+        vn = _vnni() if self.w_ih.precision == "int8" else None
+        if vn is not None:
+            if self._vnni_scratch is None:
+                self._vnni_scratch = (np.empty((1, vn.padded_width(I)), np.uint8),
+                                      np.empty((1, vn.padded_width(H)), np.uint8))
+            xu, hu = self._vnni_scratch
+            (wi, ti), (wh, th) = self.w_ih.vnni_packed(vn), self.w_hh.vnni_packed(vn)
+            (vn.step_parallel if big else vn.step_serial)(x, h, wi, ti, wh, th, self.w_ih.scale, self.w_hh.scale,
+                                                           self.b_ih, self.b_hh, out, xq, hq, xu, hu, g)
+        elif self.w_ih.precision == "int8":
             fn = nb.step_int8_parallel if big else nb.step_int8_serial
             fn(x, h, self.w_ih.data, self.w_ih.scale, self.w_hh.data, self.w_hh.scale, self.b_ih, self.b_hh, out,
                xq, hq, g)
@@ -375,7 +412,9 @@ class _Cell:
         one = B == 1 and self.reset_after and nb is not None
         # (int8 rows longer than 1024 need the blocked sums of the Python loop's products)
         exact = self.w_hh.precision == "bfloat16" or H <= _BLOCK
-        mkl = _mkl() if B > 1 and self.reset_after and nb is not None and exact else None
+        # (int8 on VNNI: the products above, faster than MKL's bfloat16 loop)
+        vnni = self.w_hh.precision == "int8" and _vnni() is not None
+        mkl = _mkl() if B > 1 and self.reset_after and nb is not None and exact and not vnni else None
         loop = None if mkl is None else self._compiled_loop(nb, mkl, B, mask, T)
         chunk = max(1, min(T, INFER_CHUNK_BYTES // (B * 3 * H * 4)))
         for c0 in range(0, T, chunk):
