@@ -10,7 +10,7 @@ evaluating is not counted against torch's budget, which favours torch.
 
 Its settings default to `grumpy train`'s own (``grumpy.lm.TrainConfig``): the same
 architecture, dropout (between the layers and on the head's input), window, batch,
-Adam rate, clipping and cosine schedule with warm-up, the schedule's progress being
+optimiser (AdamW, decay 0.1) and rate, clipping and cosine schedule with warm-up, the schedule's progress being
 the share of the last ``--minutes`` mark used.
 """
 
@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from grumpy.lm.config import TrainConfig
+from grumpy.lm.config import RUN_WEIGHT_DECAY, TrainConfig
 from grumpy.lm.data import StreamBatcher, Vocab, eval_windows, load_text, split_text
 from grumpy.optim import lr_at
 
@@ -70,6 +70,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", choices=("adam", "adamw"), default=d.optimizer)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="default: grumpy train's for the optimiser (RUN_WEIGHT_DECAY)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
@@ -86,7 +89,10 @@ def main() -> None:
     train_ids, val_ids = split_text(vocab.encode(text))
     batches = StreamBatcher(train_ids, args.batch_size, args.seq_len, seed=args.seed)
     model = TorchCharModel(len(vocab), args.embedding_dim, args.hidden_size, args.num_layers, args.dropout)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # torch's Adam adds the decay to the gradient and AdamW decays the weights, as grumpy's do
+    decay = RUN_WEIGHT_DECAY[args.optimizer] if args.weight_decay is None else args.weight_decay
+    opt = (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam)(model.parameters(), lr=args.lr,
+                                                                                  weight_decay=decay)
 
     marks = sorted(m * 60 for m in args.minutes)
     best, trained_s, step, h = math.inf, 0.0, 0, None

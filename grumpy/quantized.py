@@ -13,7 +13,7 @@ input or state at one step):
   activation a is quantized the same way, per stream and step (s_a = max|a| / 127), so the
   product is an exact integer sum_k q[r, k] q_a[k] times s_a * s[r]. Weights
   take a quarter of float32's memory. Integer products make the results the same
-  on every path: the compiled matrix-vector product of one stream, MKL's
+  on every path: VNNI's, the compiled matrix-vector product of one stream, MKL's
   bfloat16 matrix product for batches (small integers are exact in bfloat16,
   their products and sums exact in float32, see :mod:`grumpy.kernels.quantized_nb`) and the
   pure-NumPy fallback all give the same bits for the products.
@@ -25,11 +25,13 @@ Biases, the gate math and the state stay float32 (the state must not drift); the
 character model's embedding and output layer stay float32 too (small next to the
 GRU's weights). A float64 stack gives a float32 copy.
 
-Paths: one stream runs compiled (numba) kernels that read the int8 or bfloat16
-weights directly, which is what makes generation faster (the step is bound by
-reading the weights); batches use MKL's bfloat16 matrix product (AVX512-BF16 or
-AMX where the CPU has them) when MKL is loaded, else the compiled kernels, else
-NumPy. ``GRUMPY_QUANT_BACKEND=numpy|numba`` forces a path (tests use it).
+Paths: int8 on a CPU with AVX-512 VNNI runs its products on that instruction, one
+stream and batches alike (:mod:`grumpy.kernels.vnni`). Otherwise one stream runs
+compiled (numba) kernels that read the int8 or bfloat16 weights directly, which is what
+makes generation faster (the step is bound by reading the weights); batches use MKL's
+bfloat16 matrix product (AVX512-BF16 or AMX where the CPU has them) when MKL is loaded,
+else NumPy's float32 product on the quantized values. ``GRUMPY_QUANT_BACKEND=numpy|numba``
+forces a path (tests use it; ``numba`` is the portable compiled path, without VNNI).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ Precision = Literal["int8", "bfloat16"]
 PRECISIONS = ("int8", "bfloat16")
 _F32 = np.dtype(np.float32)
 _BLOCK = 1024  # int8 products are exact in float32 up to this many terms (see grumpy.kernels.quantized_nb)
-# "auto": MKL for batches, numba, then NumPy; "numba" or "numpy" forces one.
+# "auto": VNNI for int8 where the CPU has it, MKL for batches, numba, then NumPy;
+# "numba" (the portable compiled kernels) or "numpy" forces one.
 _BACKEND = os.environ.get("GRUMPY_QUANT_BACKEND", "auto")
 
 
@@ -105,15 +108,15 @@ class _Mkl:
             ctypes.cast(self.compute, ctypes.c_void_p).value or 0)
 
 
-def _vnni() -> Any:
-    """grumpy.kernels.vnni where the int8 products can run on AVX-512 VNNI (numba, a CPU
-    with it, backend "auto"), else None: the same integers as the portable paths."""
-    if _BACKEND != "auto" or _numba() is None:
+def _vnni(precision: str) -> Any:
+    """grumpy.kernels.vnni where ``precision`` is int8 and its products can run on AVX-512
+    VNNI (numba, a CPU with it, backend "auto"), else None: the portable paths' integers."""
+    if precision != "int8" or _BACKEND != "auto" or _numba() is None:
         return None
     from grumpy.kernels.route import compiled_kernels
 
-    vn = compiled_kernels("vnni")
-    return vn if vn is not None and vn.available() else None
+    k = compiled_kernels("vnni")
+    return k if k is not None and k.available() else None
 
 
 _MKL: Any = None  # an _Mkl once looked up; False when MKL or its bfloat16 products are missing
@@ -149,7 +152,7 @@ class QMatrix:
         self._dense: np.ndarray | None = None  # float32 values of data (NumPy fallback)
         self._bits: np.ndarray | None = None  # bfloat16 bits of data (MKL)
         self._pack: tuple[int, np.ndarray] | None = None  # (rows, MKL's packed weights)
-        self._vnni_pack: tuple[np.ndarray, np.ndarray] | None = None  # (weights, sums' starts) for VNNI
+        self._vnni: tuple[np.ndarray, np.ndarray] | None = None  # (int8 weights, sums' starts) packed for VNNI
 
     @property
     def nbytes(self) -> int:
@@ -161,7 +164,7 @@ class QMatrix:
         out.precision, out.shape = self.precision, (r1 - r0, self.shape[1])
         out.data, out.scale = self.data[r0:r1], self.scale[r0:r1]
         out._dense = out._bits = None
-        out._pack = out._vnni_pack = None
+        out._pack = out._vnni = None
         return out
 
     def dense(self) -> np.ndarray:
@@ -170,12 +173,12 @@ class QMatrix:
             self._dense = self.data.astype(_F32) if self.precision == "int8" else bf16_values(self.data)
         return self._dense
 
-    def vnni_packed(self, vn: Any) -> tuple[np.ndarray, np.ndarray]:
+    def vnni_packed(self, k: Any) -> tuple[np.ndarray, np.ndarray]:
         """The int8 weights packed for the VNNI kernel (:func:`grumpy.kernels.vnni.pack`), kept:
         a copy the size of the weights."""
-        if self._vnni_pack is None:
-            self._vnni_pack = vn.pack(self.data)
-        return self._vnni_pack
+        if self._vnni is None:
+            self._vnni = k.pack(self.data)
+        return self._vnni
 
     def quantize_activations(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """a (N, K) float32 -> (its quantized values as float32 (N, K), per-row scales (N,) or None)."""
@@ -204,16 +207,16 @@ class QMatrix:
         N, K = aq.shape
         R = self.shape[0]
         out = np.empty((N, R), _F32)
-        vn = _vnni() if self.precision == "int8" else None
+        k = _vnni(self.precision)
         mkl = _mkl() if N > 1 else None
         nb = _numba()
-        if vn is not None:
-            u = np.empty((N, vn.padded_width(K)), np.uint8)  # padding: any bytes meet zero weights
-            vn.offset_rows(aq, u)
+        if k is not None:
+            u = k.activations(N, K)
+            k.offset_rows(aq, u)
             # batches on the calling thread unless numba's threads sleep when idle (TBB): the
             # serial kernel already outruns NumPy's float32 product on both cores
             big = N * R * K >= QUANT_PARALLEL_MIN and (N == 1 or parallel_gates_ok())
-            (vn.products_parallel if big else vn.products_serial)(*self.vnni_packed(vn), u, out)
+            (k.products_parallel if big else k.products_serial)(*self.vnni_packed(k), u, out)
         elif mkl is not None and not pack and K < QUANT_DENSE_K:
             # short rows (a layer's input, e.g. 65 one-hot characters): MKL's float32 product
             # on the quantized values, faster than its bfloat16 product for short rows (which
@@ -333,7 +336,7 @@ class _Cell:
         self.H = H
         self.reset_after = reset_after
         self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the one-stream step's
-        self._vnni_scratch: tuple[np.ndarray, np.ndarray] | None = None  # its offset activations (VNNI)
+        self._vnni_scratch: tuple[np.ndarray, np.ndarray] | None = None  # its activations (VNNI)
         if not reset_after:  # W_hn acts on r ⊙ h: a second product after the gates r, z
             self.w_rz, self.w_n = self.w_hh.rows(0, 2 * H), self.w_hh.rows(2 * H, 3 * H)
 
@@ -371,15 +374,14 @@ class _Cell:
             self._scratch = (np.empty((2, 3 * H), _F32), np.empty((1, I), _F32), np.empty((1, H), _F32))
         g, xq, hq = self._scratch
         x, h = np.ascontiguousarray(x, _F32), np.ascontiguousarray(h, _F32)
-        vn = _vnni() if self.w_ih.precision == "int8" else None
-        if vn is not None:
+        k = _vnni(self.w_ih.precision)
+        if k is not None:
             if self._vnni_scratch is None:
-                self._vnni_scratch = (np.empty((1, vn.padded_width(I)), np.uint8),
-                                      np.empty((1, vn.padded_width(H)), np.uint8))
+                self._vnni_scratch = (k.activations(1, I), k.activations(1, H))
             xu, hu = self._vnni_scratch
-            (wi, ti), (wh, th) = self.w_ih.vnni_packed(vn), self.w_hh.vnni_packed(vn)
-            (vn.step_parallel if big else vn.step_serial)(x, h, wi, ti, wh, th, self.w_ih.scale, self.w_hh.scale,
-                                                           self.b_ih, self.b_hh, out, xq, hq, xu, hu, g)
+            (wi, ti), (wh, th) = self.w_ih.vnni_packed(k), self.w_hh.vnni_packed(k)
+            (k.step_parallel if big else k.step_serial)(x, h, wi, ti, wh, th, self.w_ih.scale, self.w_hh.scale,
+                                                         self.b_ih, self.b_hh, out, xq, hq, xu, hu, g)
         elif self.w_ih.precision == "int8":
             fn = nb.step_int8_parallel if big else nb.step_int8_serial
             fn(x, h, self.w_ih.data, self.w_ih.scale, self.w_hh.data, self.w_hh.scale, self.b_ih, self.b_hh, out,
@@ -413,8 +415,8 @@ class _Cell:
         # (int8 rows longer than 1024 need the blocked sums of the Python loop's products)
         exact = self.w_hh.precision == "bfloat16" or H <= _BLOCK
         # (int8 on VNNI: the products above, faster than MKL's bfloat16 loop)
-        vnni = self.w_hh.precision == "int8" and _vnni() is not None
-        mkl = _mkl() if B > 1 and self.reset_after and nb is not None and exact and not vnni else None
+        on_vnni = _vnni(self.w_hh.precision) is not None
+        mkl = _mkl() if B > 1 and self.reset_after and nb is not None and exact and not on_vnni else None
         loop = None if mkl is None else self._compiled_loop(nb, mkl, B, mask, T)
         chunk = max(1, min(T, INFER_CHUNK_BYTES // (B * 3 * H * 4)))
         for c0 in range(0, T, chunk):

@@ -303,10 +303,10 @@ def test_char_model(precision, embedding_dim):
 
 
 def _vnni_kernels():
-    vn = pytest.importorskip("grumpy.kernels.vnni")  # needs numba
-    if not vn.available():
+    k = pytest.importorskip("grumpy.kernels.vnni")  # needs numba
+    if not k.available():
         pytest.skip("this CPU has no AVX-512 VNNI")
-    return vn
+    return k
 
 
 @pytest.mark.parametrize("R,K,N", [(70, 50, 1), (64, 4, 1), (300, 65, 7), (130, 1500, 5), (3072, 1024, 1),
@@ -314,7 +314,7 @@ def _vnni_kernels():
 def test_vnni_products_are_the_exact_integers(R, K, N):
     """Padded rows (R not a multiple of 64), columns (K not a multiple of 4), activation
     rows (N not a multiple of 4); serial and parallel kernels; the extremes -127 and 127."""
-    vn = _vnni_kernels()
+    k = _vnni_kernels()
     rng = np.random.default_rng(R + K + N)
     q = rng.integers(-127, 128, (R, K)).astype(np.int8)
     a = rng.integers(-127, 128, (N, K)).astype(np.float32)
@@ -322,11 +322,12 @@ def test_vnni_products_are_the_exact_integers(R, K, N):
     a[-1, K // 2 :] = -127.0
     q[0] = 127
     q[-1] = -127
-    wp, start = vn.pack(q)
-    u = np.full((N, vn.padded_width(K)), 255, np.uint8)  # padding bytes meet zero weights
-    vn.offset_rows(a, u)
+    wp, start = k.pack(q)
+    u = k.activations(N, K)
+    u[:, K:] = 255  # padding bytes meet zero weights
+    k.offset_rows(a, u)
     exact = (a.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32)
-    for kernel in (vn.products_serial, vn.products_parallel):
+    for kernel in (k.products_serial, k.products_parallel):
         out = np.full((N, R), np.nan, np.float32)
         kernel(wp, start, u, out)
         np.testing.assert_array_equal(out, exact)
@@ -334,16 +335,16 @@ def test_vnni_products_are_the_exact_integers(R, K, N):
 
 @pytest.mark.parametrize("H", [40, 300])
 def test_vnni_is_the_path_taken_and_equals_the_portable_kernels(backend, H):
-    """On a CPU with VNNI the default path runs it (one stream: the fused step, parallel at
-    H = 300; batches: the products), with the portable kernels' bits."""
+    """On a CPU with VNNI the default int8 path runs it (one stream: the fused step,
+    parallel at H = 300; batches: the products), with the portable kernels' bits."""
     _vnni_kernels()
     backend("auto")
-    assert Q._vnni() is not None
+    assert Q._vnni("int8") is not None and Q._vnni("bfloat16") is None
     g = make(2, H=H, I=12)
     q = grumpy.quantize(g, "int8")
     x = np.random.default_rng(7).standard_normal((15, 3, 12)).astype(np.float32)
     got = [q.forward(x), q.forward(np.ascontiguousarray(x[:, :1]))]
-    assert q.cells[0].w_hh._vnni_pack is not None  # the packed copy the VNNI kernel reads
+    assert q.cells[0].w_hh._vnni is not None  # the packed copy the kernel reads
     backend("numba")
     want = [q.forward(x), q.forward(np.ascontiguousarray(x[:, :1]))]
     for (o, h), (o2, h2) in zip(got, want):
@@ -352,13 +353,13 @@ def test_vnni_is_the_path_taken_and_equals_the_portable_kernels(backend, H):
 
 
 def test_vnni_follows_the_cpu_numba_targets(monkeypatch):
-    vn = pytest.importorskip("grumpy.kernels.vnni")
+    k = pytest.importorskip("grumpy.kernels.vnni")
     from numba.core import config
 
     monkeypatch.setattr(config, "CPU_NAME", "x86-64", raising=False)
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma", raising=False)
-    monkeypatch.setattr(vn, "_AVAILABLE", None)
-    assert not vn.available()
+    monkeypatch.setattr(k, "_AVAILABLE", None)
+    assert not k.available()
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw,+avx512vnni", raising=False)
-    monkeypatch.setattr(vn, "_AVAILABLE", None)
-    assert vn.available()
+    monkeypatch.setattr(k, "_AVAILABLE", None)
+    assert k.available()

@@ -149,7 +149,8 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"update rule (default {d.optimizer})")
     g.add_argument("--lr", type=float, metavar="X", help=f"peak learning rate (default {d.lr:g})")
-    g.add_argument("--weight-decay", type=float, metavar="X", help="weight decay for adam/adamw (default 0 / 0.01)")
+    g.add_argument("--weight-decay", type=float, metavar="X",
+                   help="weight decay: adam adds it to the gradient (default 0), adamw decays weights (default 0.1)")
     g.add_argument("--momentum", type=float, metavar="X", help=f"SGD momentum (default {d.momentum})")
     c = g.add_mutually_exclusive_group()
     c.add_argument("--clip-norm", type=float, metavar="X",

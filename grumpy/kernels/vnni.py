@@ -1,12 +1,13 @@
 """The int8 products on AVX-512 VNNI: ``vpdpbusd``, 64 multiply-adds of unsigned by signed
-bytes per instruction, summed exactly in int32 (docs/precision.md, "How int8 is fast").
+bytes per instruction, summed exactly in int32 (docs/precision.md, "How the int8
+products are fast").
 
 The arithmetic is :mod:`grumpy.quantized`'s: the exact integer sum over k of q[r, k] a[k],
 weights q int8 and activations a integers in [-127, 127]. ``vpdpbusd`` wants one operand
 unsigned, so the activations go in as u = a + 128 (bytes 1..255) and each sum starts from
 -128 * sum_k q[r, k], which takes the offset back out: the same integer, so the same bits
 as the portable kernels and NumPy (the sum converted to float32 once, exactly for K <= 1040
-and rounded once to nearest beyond, as the float64 block sums of the other paths round).
+and rounded once to nearest beyond, as the other paths' float64 block sums round).
 
 Layout, the one oneDNN and fbgemm use for this instruction: the weights padded to a
 multiple of 64 rows and 4 columns and packed as (R / 64, K / 4, 64, 4), so one panel of 64
@@ -65,14 +66,14 @@ def pack(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Rp, Kp = -(-R // PANEL) * PANEL, -(-K // 4) * 4
     qp = np.zeros((Rp, Kp), np.int8)
     qp[:R, :K] = q
-    wp = np.ascontiguousarray(qp.reshape(Rp // PANEL, PANEL, Kp // 4, 4).transpose(0, 2, 1, 3))
-    start = np.int32(-128) * qp.sum(axis=1, dtype=np.int32)
-    return wp, start
+    packed = np.ascontiguousarray(qp.reshape(Rp // PANEL, PANEL, Kp // 4, 4).transpose(0, 2, 1, 3))
+    return packed, np.int32(-128) * qp.sum(axis=1, dtype=np.int32)
 
 
-def padded_width(K: int) -> int:
-    """The activations' row length the kernel reads: K padded to a multiple of 4."""
-    return -(-K // 4) * 4
+def activations(N: int, K: int) -> np.ndarray:
+    """Scratch for N rows of K activations as the kernel reads them (uint8, K padded to a
+    multiple of 4; the padding meets zero weights)."""
+    return np.zeros((N, -(-K // 4) * 4), np.uint8)
 
 
 def _splat(builder: ir.IRBuilder, v: Any) -> Any:
@@ -83,7 +84,7 @@ def _splat(builder: ir.IRBuilder, v: Any) -> Any:
 
 def _panel_typer(typingctx: Any, wp: Any, start: Any, u: Any, out: Any, p: Any) -> Any:
     """out[n, 64p : 64p + 64] = float32(start[r] + sum_k u[n, k] q[r, k]) for every row n of
-    u (N, K') uint8, the panel's columns past out's width left alone."""
+    u (N, K') uint8 (:func:`offset_rows`), the panel's columns past out's width left alone."""
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         i64 = ir.IntType(64)
@@ -104,7 +105,7 @@ def _panel_typer(typingctx: Any, wp: Any, start: Any, u: Any, out: Any, p: Any) 
             builder.module, ir.FunctionType(ir.VoidType(), [_VF, ir.PointerType(), _I32, _VB]),
             "llvm.masked.store.v16f32.p0")
 
-        def vec_at(addr: Any) -> Any:  # unaligned loads: numpy's arrays are 16-byte aligned
+        def vec_at(addr: Any) -> Any:  # unaligned loads: NumPy's arrays are 16-byte aligned
             return builder.load(builder.inttoptr(addr, _V16.as_pointer()), align=1)
 
         r0 = builder.mul(p, i64(PANEL))
@@ -166,8 +167,7 @@ products_parallel = njit(cache=True, parallel=True)(_named(_products, "_parallel
 
 @njit(cache=True)
 def offset_rows(aq, u):
-    """u[n, :K] = aq (N, K) float32 holding integers in [-127, 127], plus 128, as uint8;
-    u's padding columns (K' > K) stay as they are (the packed weights there are zeros)."""
+    """u[n, :K] = aq (N, K) float32 holding integers in [-127, 127], plus 128, as uint8."""
     N, K = aq.shape
     for n in range(N):
         a, un = aq[n], u[n]
@@ -178,7 +178,7 @@ def offset_rows(aq, u):
 def _step(x, h, wi, ti, wh, th, sih, shh, bih, bhh, out, xq, hq, xu, hu, g):
     """One step of one stream, int8, reset_after, as quantized_nb's step computes it: x (I,),
     h (H,) -> out (H,). wi, wh the packed weights and ti, th their sums' starting values
-    (:func:`pack`); scratch xq (1, I), hq (1, H) float32, xu (1, I'), hu (1, H') uint8,
+    (:func:`pack`); scratch xq (1, I), hq (1, H) float32, xu, hu from :func:`activations`,
     g (2, 3H). Both products have 3H rows, so the same panels: each iteration takes panel p
     of both, and the cores share the recurrent weights evenly (their shares then stay in
     their own caches; numba hands each core one contiguous run of iterations)."""

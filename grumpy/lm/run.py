@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from grumpy.lm.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
-from grumpy.lm.config import ARCH_FIELDS, TrainConfig, check_train_config, opt
+from grumpy.lm.config import ARCH_FIELDS, RUN_WEIGHT_DECAY, TrainConfig, check_train_config, opt
 from grumpy.lm.data import Position, StreamBatcher, Vocab, load_text, min_text_length, split_text, text_digest
 from grumpy.lm.distributed import Team, columns
 from grumpy.lm.model import CharModel
@@ -131,8 +131,8 @@ def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None], t
     hp: dict[str, Any] = {}
     if cfg.optimizer == "sgd":
         hp["momentum"] = cfg.momentum
-    if cfg.weight_decay is not None and cfg.optimizer in ("adam", "adamw"):
-        hp["weight_decay"] = cfg.weight_decay
+    if cfg.optimizer in RUN_WEIGHT_DECAY:
+        hp["weight_decay"] = RUN_WEIGHT_DECAY[cfg.optimizer] if cfg.weight_decay is None else cfg.weight_decay
     if ck is not None:
         model = ck.model
     elif init is not None:  # its weights, not its optimiser, position or state
