@@ -416,8 +416,8 @@ class _Cell:
         exact = self.w_hh.precision == "bfloat16" or H <= _BLOCK
         # (int8 on VNNI: the products above, faster than MKL's bfloat16 loop)
         on_vnni = _vnni(self.w_hh.precision) is not None
-        mkl = _mkl() if B > 1 and self.reset_after and nb is not None and exact and not on_vnni else None
-        loop = None if mkl is None else self._compiled_loop(nb, mkl, B, mask, T)
+        compiled = B > 1 and self.reset_after and nb is not None and exact and not on_vnni and _BACKEND == "auto"
+        loop = self._compiled_loop(nb, _mkl(), B, mask, T) if compiled else None
         chunk = max(1, min(T, INFER_CHUNK_BYTES // (B * 3 * H * 4)))
         for c0 in range(0, T, chunk):
             ts = order[c0 : c0 + chunk]
@@ -444,19 +444,32 @@ class _Cell:
         return out, hs[0 if reverse else T].copy()
 
 
-    def _compiled_loop(self, nb: Any, mkl: _Mkl, B: int, mask: np.ndarray | None, T: int) -> Any:
-        """The recurrent steps of a batch in one compiled call per chunk (MKL's packed
-        product through a C pointer): the Python loop's calls, without Python between steps."""
+    def _compiled_loop(self, nb: Any, mkl: _Mkl | None, B: int, mask: np.ndarray | None, T: int) -> Any:
+        """The recurrent steps of a batch in one compiled call per chunk: MKL's packed
+        bfloat16 product through a C pointer, else NumPy's own sgemm on the float32 values
+        of the quantized weights; the Python loop's arithmetic, without Python between
+        steps. None where neither product can be called from compiled code."""
         from grumpy.kernels import blas as _blas
 
+        if mkl is None and _blas.SGEMM is None:
+            return None
         H = self.H
         w = self.w_hh
-        ptr = w._packed(mkl, B)
         m2 = np.empty((T, 0), _F32) if mask is None else np.ascontiguousarray(mask, _F32)
         aq, a16 = np.empty((B, H), _F32), np.empty((B, H), np.uint16)
         sa, gh = np.ones(B, _F32), np.empty((B, 3 * H), _F32)
         int8 = w.precision == "int8"
         parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
+
+        if mkl is None:
+            dense = w.dense()
+
+            def run_sgemm(gi: np.ndarray, si: np.ndarray, hs: np.ndarray, lo: int, n: int, reverse: bool) -> None:
+                nb.steps_sgemm(_blas.SGEMM, dense, int8, gi, si, self.w_ih.scale, hs, m2[lo : lo + n], reverse,
+                               w.scale, self.b_ih, self.b_hh, aq, sa, gh, parallel)
+
+            return run_sgemm
+        ptr = w._packed(mkl, B)
 
         def run(gi: np.ndarray, si: np.ndarray, hs: np.ndarray, lo: int, n: int, reverse: bool) -> None:
             with _blas._threads(B * 3 * H * H):

@@ -363,3 +363,27 @@ def test_vnni_follows_the_cpu_numba_targets(monkeypatch):
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw,+avx512vnni", raising=False)
     monkeypatch.setattr(k, "_AVAILABLE", None)
     assert k.available()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_batches_without_vnni_or_mkl_run_the_compiled_sgemm_loop(backend, monkeypatch, precision):
+    """Without VNNI (int8) and without MKL, a batch's recurrent steps run in one compiled
+    loop over NumPy's own sgemm on the quantized values: int8 the portable path's bits,
+    bfloat16 to rounding."""
+    from grumpy.kernels import blas
+
+    if Q._numba() is None or blas.SGEMM is None or Q._mkl() is not None:
+        pytest.skip("needs numba and NumPy's sgemm, and no MKL")
+    monkeypatch.setattr(Q, "_vnni", lambda precision: None)
+    g = make(2, H=40, I=12)
+    q = grumpy.quantize(g, precision)
+    x = np.random.default_rng(8).standard_normal((20, 5, 12)).astype(np.float32)
+    cell = q.cells[0]
+    assert cell._compiled_loop(Q._numba(), None, 5, None, 20) is not None
+    got = q.forward(x)
+    backend("numba")
+    want = q.forward(x)
+    if precision == "int8":
+        np.testing.assert_array_equal(got[0], want[0])
+    else:
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)

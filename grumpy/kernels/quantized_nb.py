@@ -239,7 +239,7 @@ def to_bf16_bits(a, out):
         ob[i] = np.uint16(ab[i] >> np.uint32(16))
 
 
-_RM, _NT, _PK = 101, 111, 151  # CBLAS: row major, no transpose, packed
+_RM, _NT, _TR, _PK = 101, 111, 112, 151  # CBLAS: row major, no transpose, transpose, packed
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
@@ -266,6 +266,33 @@ def steps_packed(gemm, w, int8, gi, si, swi, hs, m2, reverse, sw, bih, bhh, aq, 
             round_rows_bf16(hp, aq)
         to_bf16_bits(aq, a16)
         gemm(_RM, _NT, _PK, B, G, H, np.float32(1.0), a16.ctypes.data, H, w, H, np.float32(0.0), gh.ctypes.data, G)
+        if parallel:
+            gates_parallel(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
+        else:
+            gates_serial(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def steps_sgemm(sgemm, w, int8, gi, si, swi, hs, m2, reverse, sw, bih, bhh, aq, sa, gh, parallel):
+    """:func:`steps_packed` without MKL: the recurrent product is NumPy's own cblas_sgemm
+    (:data:`grumpy.kernels.blas.SGEMM`) on w (3H, H) float32, the values of the quantized
+    weights (:meth:`grumpy.quantized.QMatrix.dense`), times the quantized state: exact for
+    int8 rows of H <= 1024, float32 sums for bfloat16 (docs/precision.md). The Python
+    loop's arithmetic, without Python between steps."""
+    n = gi.shape[0]
+    B, H = hs.shape[1], hs.shape[2]
+    G = 3 * H
+    for step in range(n):
+        t = n - 1 - step if reverse else step
+        ip = t + 1 if reverse else t
+        io = t if reverse else t + 1
+        hp = hs[ip]
+        if int8:
+            quantize_rows_int8(hp, aq, sa)
+        else:
+            round_rows_bf16(hp, aq)
+        sgemm(_RM, _NT, _TR, B, G, H, np.float32(1.0), aq.ctypes.data, H, w.ctypes.data, H, np.float32(0.0),
+              gh.ctypes.data, G)
         if parallel:
             gates_parallel(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
         else:

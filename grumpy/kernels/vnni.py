@@ -84,7 +84,9 @@ def _splat(builder: ir.IRBuilder, v: Any) -> Any:
 
 def _panel_typer(typingctx: Any, wp: Any, start: Any, u: Any, out: Any, p: Any) -> Any:
     """out[n, 64p : 64p + 64] = float32(start[r] + sum_k u[n, k] q[r, k]) for every row n of
-    u (N, K') uint8 (:func:`offset_rows`), the panel's columns past out's width left alone."""
+    u (N, K') uint8 (:func:`offset_rows`), the panel's columns past out's width left alone.
+    Reads only the outer strides: wp as :func:`pack` gives it, and rows of u and out
+    contiguous (as :func:`activations` and a fresh float32 array give them)."""
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         i64 = ir.IntType(64)
