@@ -461,20 +461,13 @@ class _Cell:
         int8 = w.precision == "int8"
         parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
 
-        if mkl is None:
-            dense = w.dense()
-
-            def run_sgemm(gi: np.ndarray, si: np.ndarray, hs: np.ndarray, lo: int, n: int, reverse: bool) -> None:
-                nb.steps_sgemm(_blas.SGEMM, dense, int8, gi, si, self.w_ih.scale, hs, m2[lo : lo + n], reverse,
-                               w.scale, self.b_ih, self.b_hh, aq, sa, gh, parallel)
-
-            return run_sgemm
-        ptr = w._packed(mkl, B)
+        # MKL's packed bfloat16 product, else NumPy's sgemm on the float32 values (kept by w)
+        gemm, ptr = (mkl.compute_ptr, w._packed(mkl, B)) if mkl is not None else (_blas.SGEMM, w.dense().ctypes.data)
 
         def run(gi: np.ndarray, si: np.ndarray, hs: np.ndarray, lo: int, n: int, reverse: bool) -> None:
             with _blas._threads(B * 3 * H * H):
-                nb.steps_packed(mkl.compute_ptr, ptr, int8, gi, si, self.w_ih.scale, hs, m2[lo : lo + n], reverse,
-                                w.scale, self.b_ih, self.b_hh, aq, a16, sa, gh, parallel)
+                nb.steps_loop(gemm, ptr, mkl is not None, int8, gi, si, self.w_ih.scale, hs, m2[lo : lo + n],
+                              reverse, w.scale, self.b_ih, self.b_hh, aq, a16, sa, gh, parallel)
 
         return run
 

@@ -387,3 +387,34 @@ def test_batches_without_vnni_or_mkl_run_the_compiled_sgemm_loop(backend, monkey
         np.testing.assert_array_equal(got[0], want[0])
     else:
         np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)
+
+
+def test_the_compiled_batch_loop_runs_from_another_process_cache(tmp_path):
+    """The quantized batch loop (steps_loop) calls the parallel gate kernel. A loop cached
+    after another process had cached that kernel crashed the next process that loaded it
+    (SIGSEGV), as the float32 loops once did (tests/test_kernels_compiled.py): here the
+    parallel kernel is cached first, then the loop, then a third process runs the loop."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    first = (
+        "import numpy as np; from grumpy.kernels import quantized_nb as K\n"
+        "g = np.zeros((2, 12), np.float32); h = np.zeros((2, 4), np.float32); o = np.ones(2, np.float32)\n"
+        "s = np.ones(12, np.float32)\n"
+        "K.gates_parallel(g, o, s, g.copy(), o, s, s, s, h, h.copy(), np.empty(0, np.float32))\n"
+    )
+    loop = (
+        "import numpy as np, grumpy\n"
+        "g = grumpy.GRU(12, 40, 2, seed=0).eval()\n"
+        "x = np.random.default_rng(0).standard_normal((20, 5, 12)).astype(np.float32)\n"
+        "print(float(np.abs(grumpy.quantize(g, 'bfloat16').forward(x)[0]).sum()))\n"
+    )
+    outs = []
+    for code in (first, loop, loop):
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+        outs.append(r.stdout)
+    assert outs[1] == outs[2]

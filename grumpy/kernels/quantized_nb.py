@@ -178,6 +178,10 @@ def _gates(gi, si, swi, gh, sa, sw, bih, bhh, hp, ho, m):
 
 gates_serial = njit(fastmath=_FM, error_model="numpy", cache=True)(_named(_gates, "_serial"))
 gates_parallel = njit(fastmath=_FM, error_model="numpy", cache=True, parallel=True)(_named(_gates, "_parallel"))
+# for the compiled loop: not cached on its own, as grumpy.kernels.nb's _variants explains (a loop
+# cached after another process had cached the parallel kernel crashed the next process)
+_gates_in_loop = njit(fastmath=_FM, error_model="numpy", cache=False, parallel=True)(
+    _named(_gates, "_parallel_in_loop"))
 
 
 def _step_int8(x, h, qih, sih, qhh, shh, bih, bhh, out, xq, hq, g):
@@ -243,18 +247,24 @@ _RM, _NT, _TR, _PK = 101, 111, 112, 151  # CBLAS: row major, no transpose, trans
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def steps_packed(gemm, w, int8, gi, si, swi, hs, m2, reverse, sw, bih, bhh, aq, a16, sa, gh, parallel):
-    """The recurrent steps of one chunk of a sequence, batch on MKL: no Python between steps.
+def steps_loop(gemm, w, packed, int8, gi, si, swi, hs, m2, reverse, sw, bih, bhh, aq, a16, sa, gh, parallel):
+    """The recurrent steps of one chunk of a sequence, a batch: no Python between steps.
 
-    gemm: MKL's cblas_gemm_bf16bf16f32_compute as a C function pointer, w the address of
-    the recurrent weights it packed (bfloat16 bits, int8 values for int8). gi (n, B, 3H) the
-    chunk's raw input products, si (n, B) and swi (3H,) their scales; hs (n+1, B, H) the chunk's states, h0 at
-    hs[n] (reverse) or hs[0]; m2 (n, B) the mask or (n, 0). Scratch: aq (B, H) float32,
-    a16 (B, H) uint16, sa (B,) (ones for bfloat16), gh (B, 3H). The same calls, in the same
-    order, as the Python loop of grumpy.quantized: the results are the same bits."""
+    gemm: a CBLAS-shaped product as a C function pointer, w the address of the recurrent
+    weights it reads. ``packed``: MKL's cblas_gemm_bf16bf16f32_compute on the weights it
+    packed (bfloat16 bits; int8 values for int8), the state passed as bfloat16 bits (a16);
+    else NumPy's own cblas_sgemm (:data:`grumpy.kernels.blas.SGEMM`) on the (3H, H) float32
+    values of the quantized weights (:meth:`grumpy.quantized.QMatrix.dense`), the state as
+    float32 (aq). Both are exact for int8 with H <= 1024 and float32 sums for bfloat16
+    (docs/precision.md). gi (n, B, 3H) the chunk's raw input products, si (n, B) and swi
+    (3H,) their scales; hs (n+1, B, H) the chunk's states, h0 at hs[n] (reverse) or hs[0];
+    m2 (n, B) the mask or (n, 0). Scratch: aq (B, H) float32, a16 (B, H) uint16, sa (B,)
+    (ones for bfloat16), gh (B, 3H). The Python loop's calls, in the same order."""
     n = gi.shape[0]
     B, H = hs.shape[1], hs.shape[2]
     G = 3 * H
+    trans = _PK if packed else _TR
+    state = a16.ctypes.data if packed else aq.ctypes.data
     for step in range(n):
         t = n - 1 - step if reverse else step
         ip = t + 1 if reverse else t
@@ -264,36 +274,10 @@ def steps_packed(gemm, w, int8, gi, si, swi, hs, m2, reverse, sw, bih, bhh, aq, 
             quantize_rows_int8(hp, aq, sa)
         else:
             round_rows_bf16(hp, aq)
-        to_bf16_bits(aq, a16)
-        gemm(_RM, _NT, _PK, B, G, H, np.float32(1.0), a16.ctypes.data, H, w, H, np.float32(0.0), gh.ctypes.data, G)
+        if packed:
+            to_bf16_bits(aq, a16)
+        gemm(_RM, _NT, trans, B, G, H, np.float32(1.0), state, H, w, H, np.float32(0.0), gh.ctypes.data, G)
         if parallel:
-            gates_parallel(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
-        else:
-            gates_serial(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
-
-
-@njit(fastmath=_FM, error_model="numpy", cache=True)
-def steps_sgemm(sgemm, w, int8, gi, si, swi, hs, m2, reverse, sw, bih, bhh, aq, sa, gh, parallel):
-    """:func:`steps_packed` without MKL: the recurrent product is NumPy's own cblas_sgemm
-    (:data:`grumpy.kernels.blas.SGEMM`) on w (3H, H) float32, the values of the quantized
-    weights (:meth:`grumpy.quantized.QMatrix.dense`), times the quantized state: exact for
-    int8 rows of H <= 1024, float32 sums for bfloat16 (docs/precision.md). The Python
-    loop's arithmetic, without Python between steps."""
-    n = gi.shape[0]
-    B, H = hs.shape[1], hs.shape[2]
-    G = 3 * H
-    for step in range(n):
-        t = n - 1 - step if reverse else step
-        ip = t + 1 if reverse else t
-        io = t if reverse else t + 1
-        hp = hs[ip]
-        if int8:
-            quantize_rows_int8(hp, aq, sa)
-        else:
-            round_rows_bf16(hp, aq)
-        sgemm(_RM, _NT, _TR, B, G, H, np.float32(1.0), aq.ctypes.data, H, w.ctypes.data, H, np.float32(0.0),
-              gh.ctypes.data, G)
-        if parallel:
-            gates_parallel(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
+            _gates_in_loop(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
         else:
             gates_serial(gi[t], si[t], swi, gh, sa, sw, bih, bhh, hp, hs[io], m2[t])
