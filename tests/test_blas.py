@@ -164,7 +164,11 @@ def test_column_sums_at_least_as_accurate_as_numpys(M: int, N: int) -> None:
     got = _blas.column_sums(a)
     assert got.shape == (N,) and got.dtype == np.float32
     err = np.abs(got - truth).max()
-    assert err <= max(np.abs(a.sum(0) - truth).max(), 1e-7 * np.abs(truth).max())
+    # the floor, one unit roundoff of the columns' absolute sums, is what any order of a short
+    # sum reaches (7 rows: the BLAS's order may lose to NumPy's by a rounding or two, as on
+    # AMD Zen's OpenBLAS kernels); for 3000 rows NumPy's row-after-row sum is well above it
+    floor = float(np.finfo(np.float32).eps * np.abs(a).astype(np.float64).sum(0).max())
+    assert err <= max(np.abs(a.sum(0) - truth).max(), floor)
     np.testing.assert_allclose(_blas.column_sums(a.astype(np.float64)), truth, rtol=1e-12)
 
 
@@ -193,7 +197,9 @@ def test_run_each_returns_in_order_raises_and_restores_threads():
 def test_shared_inference_matches_training_forward(B):
     # Rows never meet in a GRU: sharing them among threads changes nothing but where
     # the input projections are rounded (step by step), with even and uneven shares,
-    # reversed and masked.
+    # reversed and masked. A share's products have fewer rows, which some BLAS kernels sum
+    # in another order (OpenBLAS on AMD Zen: a few 1e-7 after 7 steps), so float32 rounding:
+    # the suite's float32 tolerance, far below what a wrong share or step would give.
     rng = np.random.default_rng(B)
     T, I, H = 7, 5, 24
     w_ih = rng.standard_normal((3 * H, I)).astype(np.float32) * 0.3
@@ -209,8 +215,8 @@ def test_shared_inference_matches_training_forward(B):
             want = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m)
             got = K.gru_sequence_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, mask=m, keep_cache=False,
                                          route=shared)
-            np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=2e-7)
-            np.testing.assert_allclose(got[1], want[1], rtol=2e-6, atol=2e-7)
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
 
 
 @needs_mkl
