@@ -181,17 +181,20 @@ class RecurrentStack:
         dtype: Any = np.float32,
         seed: int | None = None,
         init: str = "uniform",
+        weight_drop: float = 0.0,
     ) -> None:
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.num_layers = check_positive_int("num_layers", num_layers)
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        for name, p in (("dropout", dropout), ("weight_drop", weight_drop)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
         if init not in ("uniform", "orthogonal"):
             raise ValueError(f"init: expected 'uniform' or 'orthogonal', got {init!r}")
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.dropout = float(dropout)
+        self.weight_drop = float(weight_drop)
         self.bidirectional = bool(bidirectional)
         self.dtype = check_dtype(dtype)
         self.training = True
@@ -199,6 +202,8 @@ class RecurrentStack:
         self.params = self._init_params(init)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._cache: StackCache | None = None
+        # With weight_drop, in training: the weights the last forward used and their masks, for backward
+        self._dropped: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         self._no_grad = False  # whether the last forward ran with grad=False
         self._spent = False  # whether backward already ran for the last forward
         # Training buffers kept from one step to the next, one dict per layer and direction.
@@ -325,9 +330,18 @@ class RecurrentStack:
             width = self.num_directions * self.hidden_size
             for layer in range(1, self.num_layers):
                 drop[layer] = dropout_mask(self.rng, (T, B, width), self.dropout, self.dtype)
+        params = self.params
+        self._dropped = None
+        if self.training and self.weight_drop > 0:
+            # DropConnect on the recurrent weights: one mask per forward, for every stream and step
+            # (Merity et al. 2018's weight drop); backward reuses them (see backward)
+            masks = {k: dropout_mask(self.rng, w.shape, self.weight_drop, self.dtype)
+                     for k, w in params.items() if k.startswith("weight_hh")}
+            params = {k: w * masks[k] if k in masks else w for k, w in params.items()}
+            self._dropped = (params, masks)
         fwd, _ = self._kernels()
         return stack_forward(
-            fwd, self.params, x, h0, num_layers=self.num_layers,
+            fwd, params, x, h0, num_layers=self.num_layers,
             bidirectional=self.bidirectional, mask=mask, dropout_masks=drop, keep_cache=bool(grad),
             workspaces=workspaces,
         )
@@ -366,9 +380,12 @@ class RecurrentStack:
         _, bwd = self._kernels()
         cache, self._cache = self._cache, None  # consumed: its buffers now hold gradients
         self._spent = True
-        dx, dh0, g = stack_backward(bwd, self.params, cache, d_output, d_h_n, bias=self.bias, consume=True,
+        params, masks = self._dropped or (self.params, {})
+        dx, dh0, g = stack_backward(bwd, params, cache, d_output, d_h_n, bias=self.bias, consume=True,
                                     input_grad=input_grad)
         for k, v in g.items():
+            if k in masks:  # d(W * m) / dW = m
+                v *= masks[k]
             self.grads[k] += v
         if self.batch_first and dx is not None:
             dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
@@ -378,7 +395,8 @@ class RecurrentStack:
         return (
             f"{type(self).__name__}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
             f"bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
-            f"bidirectional={self.bidirectional}, dtype={self.dtype})"
+            + (f"weight_drop={self.weight_drop}, " if self.weight_drop else "")
+            + f"bidirectional={self.bidirectional}, dtype={self.dtype})"
         )
 
 
@@ -417,6 +435,13 @@ class GRU(RecurrentStack):
     orthogonal matrix instead. ``seed`` seeds the generator used for
     initialisation and dropout, so runs are reproducible.
 
+    ``weight_drop``: in training, each forward multiplies every ``weight_hh`` by a fresh
+    inverted-dropout mask (entries zeroed with this probability, the rest scaled by
+    1 / (1 − p)), one mask for every stream and step of that forward: DropConnect on the
+    recurrent weights (Wan et al. 2013), the weight drop of Merity et al. (2018). The
+    backward uses the same dropped weights and gives the gradient for the stored ones
+    (the mask times the dropped weights' gradient). Off in eval mode.
+
     ``route``: None lets grumpy choose how each layer runs (the usual); one of
     ``grumpy.kernels.ROUTES`` forces one, for tests and comparisons (see
     :mod:`grumpy.kernels.route`).
@@ -439,6 +464,7 @@ class GRU(RecurrentStack):
         seed: int | None = None,
         init: str = "uniform",
         route: str | Route | None = None,
+        weight_drop: float = 0.0,
     ) -> None:
         self.reset_after = bool(reset_after)
         if not (route is None or isinstance(route, Route) or route in ROUTES):
@@ -447,6 +473,7 @@ class GRU(RecurrentStack):
         super().__init__(
             input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
             dropout=dropout, bidirectional=bidirectional, dtype=dtype, seed=seed, init=init,
+            weight_drop=weight_drop,
         )
 
     def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:

@@ -19,7 +19,7 @@ def test_unsupported_dtype(dtype):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(input_size=0), "input_size"), (dict(hidden_size=-1), "hidden_size"),
-    (dict(num_layers=0), "num_layers"), (dict(dropout=1.0), "dropout"), (dict(init="zeros"), "init"),
+    (dict(num_layers=0), "num_layers"), (dict(dropout=1.0), "dropout"), (dict(weight_drop=-0.1), "weight_drop"), (dict(init="zeros"), "init"),
     (dict(hidden_size=2.5), "hidden_size"),
 ])
 def test_bad_constructor_arguments(kw, match):
@@ -114,6 +114,20 @@ def test_dropout_train_and_eval():
     one = grumpy.GRU(3, 4, 1, dropout=0.5, seed=3)
     one_ref = grumpy.GRU(3, 4, 1, seed=3)
     np.testing.assert_array_equal(one.forward(x)[0], one_ref.forward(x)[0])
+
+
+def test_weight_drop_train_and_eval():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 2, 3)).astype(np.float32)
+    a = grumpy.GRU(3, 4, 1, weight_drop=0.5, seed=11)
+    ref = grumpy.GRU(3, 4, 1, seed=0)
+    ref.load_state_dict(a.state_dict())
+    first, second = a.forward(x)[0], a.forward(x)[0]
+    assert not np.allclose(first, second)  # a fresh mask for each forward in training ...
+    np.testing.assert_array_equal(a.eval().forward(x)[0], ref.forward(x)[0])  # ... none in eval
+    for k, v in ref.params.items():  # the stored weights are never the dropped ones
+        np.testing.assert_array_equal(a.params[k], v)
+    assert "weight_drop=0.5" in repr(a)
 
 
 def test_orthogonal_init():

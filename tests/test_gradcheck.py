@@ -46,6 +46,31 @@ def test_gradients_with_dropout_between_layers(reset_after):
         assert rel_err(grads[name], numeric_grad(f, p)) < TOL, name
 
 
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_weight_drop_gradients_match_finite_differences(reset_after):
+    # The masks come from the layer's generator: restoring its state before each forward
+    # gives the same masks, so the training forward is a fixed function of the stored weights.
+    gru, x, h0, _, w_out, w_hn = make_problem(num_layers=2, bidirectional=True, H=3, reset_after=reset_after)
+    gru.weight_drop = 0.4
+    state = gru.rng.bit_generator.state
+
+    def f():
+        gru.rng.bit_generator.state = state
+        out, h_n = gru.forward(x, h0, grad=False)
+        return float((out * w_out).sum() + (h_n * w_hn).sum())
+
+    gru.rng.bit_generator.state = state
+    gru.forward(x, h0)
+    dx, dh0 = gru.backward(w_out, w_hn)
+    assert rel_err(dx, numeric_grad(f, x)) < TOL
+    assert rel_err(dh0, numeric_grad(f, h0)) < TOL
+    for name, p in gru.params.items():
+        assert rel_err(gru.grads[name], numeric_grad(f, p)) < TOL, name
+    # some recurrent weights were dropped: their gradient is exactly zero, the others' is not
+    g = gru.grads["weight_hh_l0"]
+    assert (g == 0).any() and (g != 0).any()
+
+
 def test_gradients_accumulate_until_zero_grad():
     gru, x, h0, lengths, w_out, w_hn = make_problem()
     gru.forward(x, h0)

@@ -131,7 +131,7 @@ def test_resume_is_exact_via_cli(tmp_path, text_file, capsys):
 def test_resume_is_exact_with_cosine_dropout_and_epochs(tmp_path, text_file, opt):
     # 30 steps of 8 x 16 characters pass the ~2.2k-character training split more than once, so the
     # epoch boundary (state reset, new stream offsets) is crossed, as is the interruption.
-    kw = dict(max_steps=30, dropout=0.3, optimizer=opt, lr=0.01, warmup_steps=5, eval_every=7, batch_size=8,
+    kw = dict(max_steps=30, dropout=0.3, weight_drop=0.2, optimizer=opt, lr=0.01, warmup_steps=5, eval_every=7, batch_size=8,
               seq_len=16)
     once = train(tiny_cfg(text_file, tmp_path / "once", **kw), progress=False, log=lambda m: None)
     assert once.step == 30 and once.stopped == "max_steps"
@@ -278,6 +278,7 @@ def bad_cases(tmp_path, text_file):
         (["train", text_file, "--time-budget", "-5"], "--time-budget"),
         (["train", text_file, "--eval-every", "0"], "--eval-every"),
         (["train", text_file, "--dropout", "1.5"], "--dropout"),
+        (["train", text_file, "--weight-drop", "-0.1"], "--weight-drop"),
         (["train", text_file, "--threads", "-1"], "--threads"),
         (["train", text_file, "--out", blocker / "sub"], "--out"),
         (["train", text_file, "--out", blocker], "--out"),

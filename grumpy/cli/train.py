@@ -139,6 +139,9 @@ def register(subparsers: Any) -> None:
                    help="apply the reset gate before the recurrent product (Cho et al. 2014) instead of after")
     g.add_argument("--dropout", type=float, metavar="X", help=f"dropout between GRU layers and on the head's input "
                    f"(default {d.dropout})")
+    g.add_argument("--weight-drop", type=float, metavar="X",
+                   help=f"drop this share of the recurrent weights, a fresh mask per training step "
+                        f"(default {d.weight_drop})")
     g.add_argument("--dtype", choices=("float32", "float64"), help=f"parameter type (default {d.dtype})")
     g = p.add_argument_group("data")
     g.add_argument("--seq-len", type=int, metavar="N",

@@ -19,14 +19,17 @@ class Architecture:
     hidden_size: int = 256
     num_layers: int = 2
     embedding_dim: int = 64  # 0: feed one-hot vectors straight into the GRU, as seed 004 does
-    # between GRU layers and on the head's input, in training only; the one field a resume may change
+    # Regularisation, in training only (REGULARISATION: a resume or fine-tune may change them):
+    # dropout between GRU layers and on the head's input; weight drop on the recurrent weights
     dropout: float = 0.0
+    weight_drop: float = 0.0
     reset_after: bool = True
     dtype: str = "float32"
 
 
+REGULARISATION = ("dropout", "weight_drop")
 # The fields a resumed run must share with its checkpoint.
-ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(Architecture) if f.name != "dropout")
+ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(Architecture) if f.name not in REGULARISATION)
 
 
 @dataclass(kw_only=True)
@@ -41,8 +44,10 @@ class ModelConfig(Architecture):
         check_positive_int("num_layers", self.num_layers)
         if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim < 0:
             raise ValueError(f"embedding_dim: expected an integer >= 0, got {self.embedding_dim!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        for name in REGULARISATION:
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
         check_dtype(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,8 +155,10 @@ def check_train_config(cfg: TrainConfig) -> None:
     positive_num("clip_norm", allow_none=True)
     positive_num("clip_value", allow_none=True)
     positive_num("weight_decay", allow_none=True, allow_zero=True)
-    if not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"--dropout: expected a probability in [0, 1), got {cfg.dropout!r}")
+    for name in REGULARISATION:
+        p = getattr(cfg, name)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"{opt(name)}: expected a probability in [0, 1), got {p!r}")
     if not isinstance(cfg.val_fraction, (int, float)) or not 0.0 < cfg.val_fraction < 1.0:
         raise ValueError(f"--val-fraction: expected a number in (0, 1), got {cfg.val_fraction!r}")
     if not isinstance(cfg.min_lr_ratio, (int, float)) or not 0.0 <= cfg.min_lr_ratio <= 1.0:

@@ -102,7 +102,8 @@ class CharModel:
         rng = np.random.default_rng(seed)
         in_size = c.embedding_dim or c.vocab_size
         self.gru = GRU(
-            in_size, c.hidden_size, c.num_layers, dropout=c.dropout, reset_after=c.reset_after,
+            in_size, c.hidden_size, c.num_layers, dropout=c.dropout, weight_drop=c.weight_drop,
+            reset_after=c.reset_after,
             dtype=self.dtype, seed=int(rng.integers(2**63)),
         )
         shapes = model_shapes(c)
@@ -171,6 +172,11 @@ class CharModel:
                 state[k] = v
         new.load_state_dict(state)
         return new
+
+    def regularise(self, dropout: float, weight_drop: float) -> None:
+        """Set the training-only regularisation (a resumed or fine-tuned run may change it)."""
+        self.config = dataclasses.replace(self.config, dropout=dropout, weight_drop=weight_drop)
+        self.gru.dropout, self.gru.weight_drop = float(dropout), float(weight_drop)
 
     def zero_grad(self) -> None:
         for g in self.grads.values():

@@ -137,8 +137,7 @@ def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None], t
         model = ck.model
     elif init is not None:  # its weights, not its optimiser, position or state
         model = init.model.with_vocab_size(len(vocab), seed=cfg.seed)
-        model.gru.dropout = float(cfg.dropout)
-        model.config = dataclasses.replace(model.config, dropout=cfg.dropout)
+        model.regularise(cfg.dropout, cfg.weight_drop)
         if len(vocab) > init.model.config.vocab_size:
             say(f"note: {len(vocab) - init.model.config.vocab_size} character(s) of {name} are new to "
                 f"{cfg.init_from}: {' '.join(repr(c) for c in vocab.chars[init.model.config.vocab_size:])}; "
@@ -150,7 +149,7 @@ def open_run(cfg: TrainConfig, resume: str | None, say: Callable[[str], None], t
               model.init_state(b1 - b0), team=team)
     if ck is not None:
         _restore(run, ck, resume, say)
-    if not team.alone and model.gru.dropout > 0:  # each rank its own dropout masks
+    if not team.alone and (model.gru.dropout > 0 or model.gru.weight_drop > 0):  # each rank its own masks
         model.gru.rng = np.random.default_rng([cfg.seed, run.step, team.rank])
     return run
 
@@ -198,9 +197,8 @@ def _restore(run: Run, ck: Checkpoint, resume: str | None, say: Callable[[str], 
     """Continue where ``ck`` stopped: optimiser, step, random state, data position and
     carried state (when the text is the same), time spent."""
     cfg, m = run.cfg, ck.meta
-    # Dropout is not architecture: it may change on resume.
-    run.model.config = dataclasses.replace(run.model.config, dropout=cfg.dropout)
-    run.model.gru.dropout = float(cfg.dropout)
+    # Regularisation is not architecture: it may change on resume.
+    run.model.regularise(cfg.dropout, cfg.weight_drop)
     run.step = int(m["step"])
     try:
         run.optimizer.load_state_dict(ck.optim_state, int(_optimizer_meta(ck).get("t", 0)), run.model.params)
