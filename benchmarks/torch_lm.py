@@ -9,7 +9,7 @@ evaluating is not counted against torch's budget, which favours torch.
     python benchmarks/torch_lm.py --minutes 5
 
 Its settings default to `grumpy train`'s own (``grumpy.lm.TrainConfig``): the same
-architecture, dropout (between the layers and on the head's input), window, batch,
+architecture, dropout (between the layers and on the head's input) and weight drop, window, batch,
 optimiser (AdamW, decay 0.1) and rate, clipping and cosine schedule with warm-up, the schedule's progress being
 the share of the last ``--minutes`` mark used.
 """
@@ -30,15 +30,22 @@ from grumpy.optim import lr_at
 
 
 class TorchCharModel(torch.nn.Module):
-    def __init__(self, V: int, E: int, H: int, L: int, dropout: float) -> None:
+    def __init__(self, V: int, E: int, H: int, L: int, dropout: float, weight_drop: float) -> None:
         super().__init__()
+        self.weight_drop = weight_drop
         self.embedding = torch.nn.Embedding(V, E)
         self.gru = torch.nn.GRU(E, H, L, dropout=dropout)
         self.drop = torch.nn.Dropout(dropout)  # on the head's input too, as grumpy's CharModel
         self.head = torch.nn.Linear(H, V)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        out, h = self.gru(self.embedding(x), h)
+        x = self.embedding(x)
+        if self.training and self.weight_drop > 0:  # grumpy's weight drop: one mask per forward on W_hh
+            w = {n: torch.nn.functional.dropout(p, self.weight_drop) if n.startswith("weight_hh") else p
+                 for n, p in self.gru.named_parameters()}
+            out, h = torch.func.functional_call(self.gru, w, (x, h))
+        else:
+            out, h = self.gru(x, h)
         return self.head(self.drop(out)), h
 
 
@@ -67,6 +74,7 @@ def main() -> None:
     p.add_argument("--num-layers", type=int, default=d.num_layers)
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
     p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--weight-drop", type=float, default=d.weight_drop)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -88,7 +96,8 @@ def main() -> None:
     vocab = Vocab.from_text(text)
     train_ids, val_ids = split_text(vocab.encode(text))
     batches = StreamBatcher(train_ids, args.batch_size, args.seq_len, seed=args.seed)
-    model = TorchCharModel(len(vocab), args.embedding_dim, args.hidden_size, args.num_layers, args.dropout)
+    model = TorchCharModel(len(vocab), args.embedding_dim, args.hidden_size, args.num_layers, args.dropout,
+                           args.weight_drop)
     # torch's Adam adds the decay to the gradient and AdamW decays the weights, as grumpy's do
     decay = RUN_WEIGHT_DECAY[args.optimizer] if args.weight_decay is None else args.weight_decay
     opt = (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam)(model.parameters(), lr=args.lr,
