@@ -100,7 +100,8 @@ def test_init_from_bad_checkpoint_or_with_resume_is_a_clear_error(tmp_path, text
     ck = tmp_path / "a" / "latest.safetensors"
     rc, _, err = run(["train", "--resume", ck, "--init-from", ck], capsys)
     assert rc == 2 and "--init-from and --resume" in err
-    rc, _, err = run(["train", text_file, "--out", tmp_path / "y", "--init-from", ck, "--hidden-size", "16"], capsys)
+    rc, _, err = run(["train", text_file, "--out", tmp_path / "y", "--init-from", ck, "--hidden-size", "16",
+                      "--batch-size", "4", "--seq-len", "8"], capsys)  # sizes the tiny text holds
     assert rc == 2 and "--hidden-size 16" in err and "--init-from" in err
 
 
