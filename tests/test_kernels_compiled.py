@@ -183,7 +183,10 @@ def test_prepared_step_matches_reference_cell(H, bias):
     want, _ = gru_cell_forward(x[None].astype(np.float64), h[None].astype(np.float64), *w, *bw)
     got = step(x, h)
     assert got.shape == (H,) and got.dtype == np.float32
-    assert rel(got, want[0]) < 1e-6
+    # from STEP_BLAS_MIN the products are the BLAS's matrix-vector product, whose order of
+    # summation is the library's and the CPU's (MKL on AMD Zen: 1.4e-6 for these 523-term
+    # float32 sums); below it grumpy's own kernel, with its order fixed
+    assert rel(got, want[0]) < (3e-6 if H >= K.route.STEP_BLAS_MIN else 1e-6)
     # anything else (here a batch of one) goes through gru_step, exactly
     np.testing.assert_array_equal(step(x[None], h[None]), K.gru_step(x[None], h[None], p["w_ih"], p["w_hh"], b_ih, b_hh))
 
