@@ -36,6 +36,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,20 @@ def flops_per_token(H: int, I: int = I_SIZE, V: int = V_SIZE, mode: str = "train
     three times that (the backward twice the forward); generation is not counted."""
     forward = 2 * 3 * H * (I + H) + 2 * H * V
     return 3 * forward if mode == "train" else forward
+
+
+def _cpu() -> str:
+    """The CPU's model name and widest vector extension (Linux's /proc/cpuinfo; elsewhere
+    what platform knows): runs on different machines are told apart by it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    vec = next((v for f, v in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if f in flags), "no AVX")
+    return f"{name or platform.processor() or 'unknown CPU'}, {vec}"
 
 
 def _cores() -> int:
@@ -508,7 +523,7 @@ def run(
     skipped = {s: avail.get(s) or "not requested" for s in SIDES if s not in active}
     extra = {"numpy": {"GRUMPY_NUMBA": "0", "GRUMPY_MKL": "0"}}
     result: dict[str, Any] = {
-        "machine": {"cores": _cores(), "threads": threads, "python": sys.version.split()[0]},
+        "machine": {"cpu": _cpu(), "cores": _cores(), "threads": threads, "python": sys.version.split()[0]},
         "config": {"T": T_STEPS, "I": I_SIZE, "V": V_SIZE, "dtype": "float32", "quick": quick,
                    "repeats": repeats, "sample_s": sample_s},
         "sides": active, "skipped": skipped, "points": [], "compile_s": {}, "matmul_gflops": {},
@@ -601,7 +616,7 @@ def _version(side: str) -> str:
         try:
             out.append(f"{n} {version(n)}")
         except PackageNotFoundError:
-            out.append(f"{n} ?")
+            out.append(f"no {n}")
     return ", ".join(out)
 
 
@@ -673,7 +688,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         out.append(f"Reduced precision: n/a ({prec['skipped']}).")
     m = res["machine"]
     vers = "; ".join(m.get("versions", {}).values())
-    out.append(f"Machine: {m['cores']} cores, {m['threads']} threads per side, Python {m['python']}; {vers}. "
+    out.append(f"Machine: {m.get('cpu', 'CPU not recorded')}, {m['cores']} cores, {m['threads']} threads per side, "
+               f"Python {m['python']}; {vers}. "
                f"T={res['config']['T']}, float32, median of {res['config']['repeats']} alternated samples.")
     return "\n".join(out) + "\n"
 
