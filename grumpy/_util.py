@@ -42,6 +42,13 @@ def check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def check_probability(name: str, value: Any) -> float:
+    """A dropout-like rate: a number in [0, 1) (1 would drop everything), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
 def uniform_init(rng: np.random.Generator, shape: tuple[int, ...], hidden_size: int, dtype: np.dtype) -> np.ndarray:
     """PyTorch's default for recurrent layers: U(−1/√H, 1/√H)."""
     k = 1.0 / np.sqrt(hidden_size)

@@ -14,7 +14,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from grumpy._util import check_dtype, check_positive_int, dropout_mask, orthogonal_blocks, uniform_init
+from grumpy._util import (
+    check_dtype,
+    check_positive_int,
+    check_probability,
+    dropout_mask,
+    orthogonal_blocks,
+    uniform_init,
+)
 from grumpy.kernels import ROUTES, Route, gru_sequence_backward, gru_sequence_forward, state_views
 
 # A kernel runs one direction of one layer over a sequence:
@@ -186,15 +193,12 @@ class RecurrentStack:
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.num_layers = check_positive_int("num_layers", num_layers)
-        for name, p in (("dropout", dropout), ("weight_drop", weight_drop)):
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
         if init not in ("uniform", "orthogonal"):
             raise ValueError(f"init: expected 'uniform' or 'orthogonal', got {init!r}")
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
-        self.dropout = float(dropout)
-        self.weight_drop = float(weight_drop)
+        self.dropout = check_probability("dropout", dropout)
+        self.weight_drop = check_probability("weight_drop", weight_drop)
         self.bidirectional = bool(bidirectional)
         self.dtype = check_dtype(dtype)
         self.training = True

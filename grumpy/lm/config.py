@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from grumpy._util import check_dtype, check_positive_int
+from grumpy._util import check_dtype, check_positive_int, check_probability
 from grumpy.optim import OPTIMIZERS
 
 
@@ -45,9 +45,7 @@ class ModelConfig(Architecture):
         if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim < 0:
             raise ValueError(f"embedding_dim: expected an integer >= 0, got {self.embedding_dim!r}")
         for name in REGULARISATION:
-            p = getattr(self, name)
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
+            check_probability(name, getattr(self, name))
         check_dtype(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,9 +154,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     positive_num("clip_value", allow_none=True)
     positive_num("weight_decay", allow_none=True, allow_zero=True)
     for name in REGULARISATION:
-        p = getattr(cfg, name)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"{opt(name)}: expected a probability in [0, 1), got {p!r}")
+        check_probability(opt(name), getattr(cfg, name))
     if not isinstance(cfg.val_fraction, (int, float)) or not 0.0 < cfg.val_fraction < 1.0:
         raise ValueError(f"--val-fraction: expected a number in (0, 1), got {cfg.val_fraction!r}")
     if not isinstance(cfg.min_lr_ratio, (int, float)) or not 0.0 <= cfg.min_lr_ratio <= 1.0:
