@@ -237,3 +237,55 @@ def test_run_each_works_in_a_forked_child():
     )
     r = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+needs_numpy_blas_threads = pytest.mark.skipif(
+    _blas.MKL is not None or _blas.NUMPY_BLAS is None or _blas.NUMPY_BLAS.set_threads_local is None
+    or _blas.NUMPY_BLAS.get_threads is None,
+    reason="one_thread() sets NumPy's OpenBLAS only without MKL, where its thread controls are found")
+
+
+@needs_numpy_blas_threads
+def test_concurrent_one_thread_blocks_give_numpys_threads_back():
+    # NumPy's OpenBLAS sets even its "local" thread count for the whole process. Two blocks
+    # that overlap, the first out before the second, once left the process on one thread:
+    # the second had saved the first's 1 as the count to restore.
+    import threading
+
+    before = _blas.NUMPY_BLAS.get_threads()
+    first_in, inside, first_out = threading.Event(), threading.Barrier(2), threading.Event()
+    seen: list[int] = []
+
+    def block(first: bool) -> None:
+        if not first:
+            first_in.wait()
+        with _blas.one_thread():
+            first_in.set()
+            inside.wait()
+            seen.append(_blas.NUMPY_BLAS.get_threads())
+            if not first:
+                first_out.wait()
+        if first:
+            first_out.set()
+
+    threads = [threading.Thread(target=block, args=(f,)) for f in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [1, 1]
+    assert _blas.NUMPY_BLAS.get_threads() == before
+
+
+@needs_numpy_blas_threads
+def test_a_shared_inference_pass_leaves_numpys_threads_as_it_found_them():
+    rng = np.random.default_rng(0)
+    T, B, I, H = 5, 8, 3, 16
+    w_ih, w_hh = (rng.standard_normal((3 * H, n)).astype(np.float32) for n in (I, H))
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+    before = _blas.NUMPY_BLAS.get_threads()
+    for _ in range(5):
+        K.gru_sequence_forward(x, h0, w_ih, w_hh, None, None, keep_cache=False,
+                               route=K.Route("shared", shares=((0, 3), (3, 8))))
+        assert _blas.NUMPY_BLAS.get_threads() == before

@@ -232,3 +232,27 @@ def test_serial_and_parallel_kernels_never_share_a_cache_entry(tmp_path):
     for code in (first, loops, loops):
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+def test_threads_that_first_use_the_kernels_together_all_get_them():
+    # The kernels are imported on first use. A thread that asked while another was still
+    # importing them once got None, "no numba", and a shared inference pass failed.
+    import subprocess
+    import sys
+
+    code = (
+        "import threading\n"
+        "from grumpy.kernels.route import compiled_kernels\n"
+        "start, got = threading.Barrier(4), []\n"
+        "def use():\n"
+        "    start.wait()\n"
+        "    got.append(compiled_kernels() is not None)\n"
+        "ts = [threading.Thread(target=use) for _ in range(4)]\n"
+        "[t.start() for t in ts]\n"
+        "[t.join() for t in ts]\n"
+        "print(got)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "GRUMPY_NUMBA"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[True, True, True, True]"

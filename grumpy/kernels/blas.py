@@ -143,21 +143,42 @@ def _threads(macs: int) -> Iterator[None]:
         yield
 
 
+# NumPy's OpenBLAS (a pthreads build) sets even its "local" thread count for the whole
+# process, so concurrent one_thread() blocks share one setting: the first in sets 1 and
+# the last out restores the count the first found (per-thread save and restore raced,
+# and left the caller's own NumPy on one thread after a shared inference pass).
+_SHARED_LOCK = threading.Lock()
+_SHARED_USERS = 0
+_SHARED_PREV = 0
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """The BLAS grumpy calls (MKL, else NumPy's) on the calling thread only, inside the block."""
-    if MKL is not None:
-        set_local = MKL.MKL_Set_Num_Threads_Local
-    elif NUMPY_BLAS is not None and NUMPY_BLAS.set_threads_local is not None:
-        set_local = NUMPY_BLAS.set_threads_local
-    else:
+    """The BLAS grumpy calls (MKL, else NumPy's) on one thread inside the block: MKL on
+    the calling thread only; NumPy's OpenBLAS in the whole process, until the last
+    concurrent block ends."""
+    if MKL is not None:  # MKL's setting is the calling thread's own
+        prev = MKL.MKL_Set_Num_Threads_Local(1)
+        try:
+            yield
+        finally:
+            MKL.MKL_Set_Num_Threads_Local(prev)
+        return
+    if NUMPY_BLAS is None or NUMPY_BLAS.set_threads_local is None:
         yield
         return
-    prev = set_local(1)
+    global _SHARED_USERS, _SHARED_PREV
+    with _SHARED_LOCK:
+        if _SHARED_USERS == 0:
+            _SHARED_PREV = NUMPY_BLAS.set_threads_local(1)
+        _SHARED_USERS += 1
     try:
         yield
     finally:
-        set_local(prev)
+        with _SHARED_LOCK:
+            _SHARED_USERS -= 1
+            if _SHARED_USERS == 0:
+                NUMPY_BLAS.set_threads_local(_SHARED_PREV)
 
 
 def _operand(a: np.ndarray) -> tuple[np.ndarray, int, int]:

@@ -21,6 +21,7 @@ steps     a Python loop over the steps: one BLAS product and one compiled gate
           with MKL, large sizes and one stream at large H)
 shared    inference only: each core takes a share of the batch's rows through
           the whole sequence, BLAS on one thread in each, no synchronisation per step
+          (chosen with MKL; NumPy's OpenBLAS only when named)
 step      inference only, chosen for one step of one stream (T = 1, B = 1, every
           step valid: a user's generation loop calling ``forward``): the generation
           step :func:`grumpy.kernels.gru_step` at each step, none of the loops' set-up
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -62,18 +64,24 @@ QUANT_PARALLEL_MIN = 1 << 18
 QUANT_DENSE_K = 128
 
 _LOADED: dict[str, ModuleType | None] = {}  # compiled-kernel modules once imported; None when unavailable
+_LOAD_LOCK = threading.RLock()
 
 
 def compiled_kernels(name: str = "nb") -> ModuleType | None:
     """grumpy.kernels.<name> (numba kernels: ``nb``, ``quantized_nb``), imported on first
     use, or None: numba missing, or GRUMPY_NUMBA=0."""
     if name not in _LOADED:
-        _LOADED[name] = None
-        if os.environ.get("GRUMPY_NUMBA", "1") != "0":
-            try:
-                _LOADED[name] = importlib.import_module(f"grumpy.kernels.{name}")
-            except ImportError:
-                pass
+        # Under a lock, and recorded only once imported: a thread that found the name
+        # recorded while another was still importing once took the kernels for missing.
+        with _LOAD_LOCK:
+            if name not in _LOADED:
+                module = None
+                if os.environ.get("GRUMPY_NUMBA", "1") != "0":
+                    try:
+                        module = importlib.import_module(f"grumpy.kernels.{name}")
+                    except ImportError:
+                        pass
+                _LOADED[name] = module
     return _LOADED[name]
 
 
@@ -133,7 +141,9 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
         return Route("step")
     parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
     n_shares = min(blas.cores(), B // SHARE_MIN_ROWS)
-    if not grad and (blas.MKL is not None or blas.SGEMM is not None) and n_shares >= 2:
+    # Shares only with MKL: NumPy's OpenBLAS sets its thread count for the whole process
+    # (blas.one_thread), and its shares measured slower than ``steps`` at 6 of 8 sizes.
+    if not grad and blas.MKL is not None and n_shares >= 2:
         return Route("shared", shares=_even_shares(B, n_shares))
     whole_loop = B * H * 3 * H <= LOOP_MAX_MACS
     # With the opt-in MKL, packing pays for any batch; for one stream only inside the compiled
