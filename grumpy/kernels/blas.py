@@ -84,6 +84,7 @@ class NumpyBLAS(NamedTuple):
     """What grumpy calls of the BLAS NumPy itself uses (ctypes functions; None where absent)."""
 
     sgemm: Any  # cblas_sgemm (64-bit integers) as a C function pointer the compiled loops can call
+    sgemv: Any  # cblas_sgemv, the same way: one stream's products (its sgemm with one column is slower)
     get_threads: Any  # () -> the threads its calls use
     set_threads_local: Any  # (n) -> the calling thread's previous count
 
@@ -106,7 +107,8 @@ def _numpy_blas() -> NumpyBLAS | None:
             continue
         for prefix in ("scipy_", ""):
             fn = getattr(lib, prefix + "cblas_sgemm64_", None)
-            if fn is None:
+            fv = getattr(lib, prefix + "cblas_sgemv64_", None)
+            if fn is None or fv is None:
                 continue
             get = getattr(lib, prefix + "openblas_get_num_threads64_", None)
             set_local = getattr(lib, "openblas_set_num_threads_local", None)
@@ -115,15 +117,19 @@ def _numpy_blas() -> NumpyBLAS | None:
                     f.restype = ctypes.c_int
             if set_local is not None:
                 set_local.argtypes = [ctypes.c_int]
-            return NumpyBLAS(SGEMM_TYPE(ctypes.cast(fn, ctypes.c_void_p).value or 0), get, set_local)
+            return NumpyBLAS(SGEMM_TYPE(ctypes.cast(fn, ctypes.c_void_p).value or 0),
+                             SGEMV_TYPE(ctypes.cast(fv, ctypes.c_void_p).value or 0), get, set_local)
     return None
 
 
 # cblas_sgemm with 64-bit integers: order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc.
 SGEMM_TYPE = ctypes.CFUNCTYPE(None, _i, _i, _i, _l, _l, _l, ctypes.c_float, _p, _l, _p, _l, ctypes.c_float, _p, _l)
-# NumPy's own BLAS, and its sgemm for the compiled loops (None: not found, or GRUMPY_NUMBA=0).
+# cblas_sgemv with 64-bit integers: order, trans, m, n, alpha, a, lda, x, incx, beta, y, incy.
+SGEMV_TYPE = ctypes.CFUNCTYPE(None, _i, _i, _l, _l, ctypes.c_float, _p, _l, _p, _l, ctypes.c_float, _p, _l)
+# NumPy's own BLAS, and its sgemm and sgemv for the compiled loops (None: not found, or GRUMPY_NUMBA=0).
 NUMPY_BLAS = None if os.environ.get("GRUMPY_NUMBA", "1") == "0" else _numpy_blas()
 SGEMM: Any = NUMPY_BLAS.sgemm if NUMPY_BLAS is not None else None
+SGEMV: Any = NUMPY_BLAS.sgemv if NUMPY_BLAS is not None else None
 
 
 # Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for

@@ -76,7 +76,7 @@ class _Loop:
                 nb.forward_loop_packed(blas.COMPUTE, self.wh.ptr, self.wi.ptr if self.wi else 0, x, gates, bih, bhh,
                                        hs, hn_all, m2, reverse, gh, self.parallel, b0, b1)
         else:
-            nb.forward_loop(blas.SGEMM, x, self.wih, gates, self.whh, bih, bhh, hs, hn_all, m2, reverse, gh,
+            nb.forward_loop(blas.SGEMM, blas.SGEMV, x, self.wih, gates, self.whh, bih, bhh, hs, hn_all, m2, reverse, gh,
                             self.parallel, b0, b1)
 
 
@@ -214,7 +214,7 @@ def backward(
         with pk.threads():
             nb.backward_loop_packed(blas.COMPUTE, pk.ptr, d_output, hs, dgh, da_n, m2, reverse, dh, route.parallel)
     elif route.kind == "loop":
-        nb.backward_loop(blas.SGEMM, d_output, hs, dgh, da_n, m2, reverse, whh, dh, route.parallel)
+        nb.backward_loop(blas.SGEMM, blas.SGEMV, d_output, hs, dgh, da_n, m2, reverse, whh, dh, route.parallel)
     else:
         fused = nb.gates_backward_parallel if route.parallel else nb.gates_backward_serial
         # Also for one stream: d W_hh reads W_hh's rows in order (faster than a transposed copy).

@@ -188,18 +188,20 @@ gates_backward_serial, gates_backward_parallel, _gates_backward_in_loop = _varia
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True, nogil=True)
-def forward_loop(sgemm, x, wih, gates, whh, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):
+def forward_loop(sgemm, sgemv, x, wih, gates, whh, bih, bhh, hs, hn_all, mask, reverse, gh, parallel, b0, b1):
     """The whole time loop for the batch rows b0:b1 (see :func:`_gates_forward` for the
     arrays; mask (T, B) or (T, 0)); hs (T+1, B, H) holds h0 on entry.
 
-    ``sgemm`` is NumPy's own cblas_sgemm (64-bit integers, :data:`grumpy.kernels.blas.SGEMM`);
-    whh and wih the (3H, H) and (3H, I) weights as they are: gh = h W_hh^T (for one row,
-    W_hh h on W_hh's contiguous rows). ``wih`` empty (0, 0): gates (T, B, 3H) hold the
-    input projections. Else (inference, one share of a batch) x (T, B, I) times W_ih^T is
-    computed step by step into gates (1, b1-b0, 3H) while the rows are in cache. An empty
-    hn_all (0, B, H) means inference (:func:`_gates_infer`). The gate kernels add ``bih``;
-    ``parallel`` picks the ones that use all cores. No GIL: one thread per core can run a
-    share of the rows through the whole sequence (the rows of a GRU batch never meet)."""
+    ``sgemm`` and ``sgemv`` are NumPy's own cblas_sgemm and cblas_sgemv (64-bit integers,
+    :data:`grumpy.kernels.blas.SGEMM`, ``SGEMV``); whh and wih the (3H, H) and (3H, I)
+    weights as they are: gh = h W_hh^T (for one row, W_hh h by sgemv on W_hh's contiguous
+    rows: OpenBLAS's sgemm with one column ran at a third of its sgemv's rate at H = 256).
+    ``wih`` empty (0, 0): gates (T, B, 3H) hold the input projections. Else (inference,
+    one share of a batch) x (T, B, I) times W_ih^T is computed step by step into gates
+    (1, b1-b0, 3H) while the rows are in cache. An empty hn_all (0, B, H) means inference
+    (:func:`_gates_infer`). The gate kernels add ``bih``; ``parallel`` picks the ones that
+    use all cores. No GIL: one thread per core can run a share of the rows through the
+    whole sequence (the rows of a GRU batch never meet)."""
     T = hs.shape[0] - 1
     H = hs.shape[2]
     G = 3 * H
@@ -217,7 +219,7 @@ def forward_loop(sgemm, x, wih, gates, whh, bih, bhh, hs, hn_all, mask, reverse,
                   g.ctypes.data, G)
         hp, ho, m = hs[ip, b0:b1], hs[io, b0:b1], mask[t, b0:b1]
         if n == 1:
-            sgemm(_RM, _NT, _NT, G, 1, H, _ONE, whh.ctypes.data, H, hp.ctypes.data, 1, _ZERO, gh.ctypes.data, 1)
+            sgemv(_RM, _NT, G, H, _ONE, whh.ctypes.data, H, hp.ctypes.data, 1, _ZERO, gh.ctypes.data, 1)
         else:
             sgemm(_RM, _NT, _TR, n, G, H, _ONE, hp.ctypes.data, H, whh.ctypes.data, H, _ZERO, gh.ctypes.data, G)
         if keep and parallel:
@@ -231,10 +233,10 @@ def forward_loop(sgemm, x, wih, gates, whh, bih, bhh, hs, hn_all, mask, reverse,
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)
-def backward_loop(sgemm, d_output, hs, gates, hn_all, mask, reverse, whh, dh, parallel):
+def backward_loop(sgemm, sgemv, d_output, hs, gates, hn_all, mask, reverse, whh, dh, parallel):
     """The whole backward time loop; dh (B, H) enters as dL/dh_last and leaves as
     dL/dh0; gates and hn_all are replaced as in :func:`_gates_backward`; dh += dgh W_hh
-    through ``sgemm`` as in :func:`forward_loop`."""
+    through ``sgemm`` (one row: ``sgemv``) as in :func:`forward_loop`."""
     T, B, G = gates.shape
     H = G // 3
     for step in range(T):
@@ -246,7 +248,7 @@ def backward_loop(sgemm, d_output, hs, gates, hn_all, mask, reverse, whh, dh, pa
             gates_backward_serial(d_output[t], hs[ip], gates[t], hn_all[t], mask[t], dh)
         g = gates[t]
         if B == 1:  # dh^T += W_hh^T dgh^T, reading W_hh's rows in order
-            sgemm(_RM, _TR, _NT, H, 1, G, _ONE, whh.ctypes.data, H, g.ctypes.data, 1, _ONE, dh.ctypes.data, 1)
+            sgemv(_RM, _TR, G, H, _ONE, whh.ctypes.data, H, g.ctypes.data, 1, _ONE, dh.ctypes.data, 1)
         else:
             sgemm(_RM, _NT, _NT, B, H, G, _ONE, g.ctypes.data, G, whh.ctypes.data, H, _ONE, dh.ctypes.data, H)
 

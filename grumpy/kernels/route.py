@@ -45,7 +45,8 @@ ROUTES = ("numpy", "loop", "packed", "steps", "shared", "step")
 # Gate kernels use all cores from this many batch x hidden elements per step.
 PARALLEL_MIN = 1 << 16
 # Without MKL's packed product the whole loop is compiled up to this many multiply-adds per
-# step (B * H * 3H); above, each step's product is NumPy's (or MKL's) call from Python.
+# step (B * H * 3H), and for one stream at any size; above, each step's product is NumPy's
+# (or MKL's) call from Python.
 LOOP_MAX_MACS = 1 << 19
 # One stream takes the packed product from this H on, when the whole loop is compiled.
 PACKED_MIN_H = 128
@@ -150,9 +151,12 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
     # loop (a step that reads the whole W_hh once for a matrix-vector product gains nothing).
     if blas.MKL is not None and (B > 1 or (whole_loop and H >= PACKED_MIN_H)):
         return Route("packed", parallel)
-    # Large products from Python: NumPy's own call (its matrix-vector product for one stream)
-    # measured faster than the same library's sgemm called from the compiled loop.
-    return Route("loop") if whole_loop and blas.SGEMM is not None else Route("steps", parallel)
+    # One stream (without MKL): the compiled loop at any H, its products NumPy's own sgemv.
+    # Larger batches' products from Python: NumPy's own call measured faster than the same
+    # library's sgemm called from the compiled loop.
+    if blas.SGEMM is not None and (whole_loop or (B == 1 and blas.MKL is None)):
+        return Route("loop")
+    return Route("steps", parallel)
 
 
 def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: bool) -> Route:
