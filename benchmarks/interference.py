@@ -6,14 +6,16 @@ measures, each in its own child process, alternated A B C A B C, medians:
 * ``alone``: the user's own matrix product in a process that never imports grumpy;
 * ``cold``: the same, with a pass over 64 MB of memory (no BLAS, one thread) between
   products, which leaves the caches as cold as a training step does;
-* ``beside``: the same product in a process that runs a grumpy training step
-  between products (only the product is timed);
-* ``step``: grumpy's training step with no product of the user's between steps;
+* ``beside``: the same product in a process that runs a grumpy step between
+  products (only the product is timed);
+* ``step``: grumpy's step with no product of the user's between steps;
 * ``step+``: the same step with the user's product between steps (only the step is timed).
 
-The issue's targets: ``beside`` within 10% of ``alone``, ``step+`` within 10% of ``step``.
+grumpy's step is a training step (forward and backward), or with ``--mode infer`` an
+inference pass (``forward(x, grad=False)``). The issue's targets: ``beside`` within 10%
+of ``alone``, ``step+`` within 10% of ``step``.
 
-    python benchmarks/interference.py [--hidden 256] [--batch 32] [--rounds 7]
+    python benchmarks/interference.py [--mode train|infer] [--hidden 256] [--batch 32] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import time
 CHILD = r"""
 import json, sys, time
 import numpy as np
-kind, H, B, reps, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+kind, mode = sys.argv[1], sys.argv[6]
+H, B, reps, n = (int(v) for v in sys.argv[2:6])
 rng = np.random.default_rng(0)
 a = rng.standard_normal((n, n)).astype(np.float32)
 b = rng.standard_normal((n, n)).astype(np.float32)
@@ -46,6 +49,9 @@ if kind not in ("alone", "cold"):
     d = rng.standard_normal((T, B, H)).astype(np.float32)
 
     def step():
+        if mode == "infer":
+            gru.forward(x, grad=False)
+            return
         gru.forward(x)
         gru.backward(d, input_grad=False)
 
@@ -72,14 +78,15 @@ print(json.dumps(float(np.median(times))))
 """
 
 
-def measure(kind: str, H: int, B: int, reps: int, n: int) -> float:
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(H), str(B), str(reps), str(n)],
+def measure(kind: str, H: int, B: int, reps: int, n: int, mode: str) -> float:
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(H), str(B), str(reps), str(n), mode],
                          capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=("train", "infer"), default="train", help="grumpy's step")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5, help="child processes per kind, alternated")
@@ -90,7 +97,7 @@ def main() -> int:
     samples: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for k in kinds:
-            samples[k].append(measure(k, args.hidden, args.batch, args.reps, args.n))
+            samples[k].append(measure(k, args.hidden, args.batch, args.reps, args.n, args.mode))
             time.sleep(0.3)
     med = {k: statistics.median(v) for k, v in samples.items()}
     print("| H | B | user product alone | with cold caches | beside grumpy | beside / alone | beside / cold "
@@ -99,8 +106,9 @@ def main() -> int:
     print(f"| {args.hidden} | {args.batch} | {1e3 * med['alone']:.2f} ms | {1e3 * med['cold']:.2f} ms "
           f"| {1e3 * med['beside']:.2f} ms | {med['beside'] / med['alone']:.2f}x | {med['beside'] / med['cold']:.2f}x "
           f"| {1e3 * med['step']:.1f} ms | {1e3 * med['step+']:.1f} ms | {med['step+'] / med['step']:.2f}x |")
-    print(f"\nuser product: ({args.n}, {args.n}) @ ({args.n}, {args.n}) float32; step: T=100, I=65 training "
-          f"forward + backward; medians of {args.rounds} child processes x {args.reps} repetitions, alternated.")
+    what = "inference forward" if args.mode == "infer" else "training forward + backward"
+    print(f"\nuser product: ({args.n}, {args.n}) @ ({args.n}, {args.n}) float32; step: T=100, I=65 {what}; "
+          f"medians of {args.rounds} child processes x {args.reps} repetitions, alternated.")
     return 0
 
 
