@@ -13,12 +13,14 @@ The routes, from the most general to the most specialised:
 numpy     the NumPy loop: any dtype, both gate forms (the only one for float64
           and ``reset_after=False``)
 loop      the whole time loop compiled (numba), each step's product by the BLAS
-          NumPy itself uses (one thread pool with the caller's own NumPy code)
+          NumPy itself uses (one thread pool with the caller's own NumPy code):
+          small batches, and one stream at any H (its ``sgemv``)
 packed    with the opt-in MKL: the whole time loop compiled, each step's recurrent
           product on weights MKL packed once per call
 steps     a Python loop over the steps: one BLAS product and one compiled gate
-          kernel per step (where NumPy's BLAS cannot be called from compiled code;
-          with MKL, large sizes and one stream at large H)
+          kernel per step (without MKL, batches of more than LOOP_MAX_MACS
+          multiply-adds a step; with MKL, one stream at large H; and where
+          NumPy's BLAS cannot be called from compiled code)
 shared    inference only: each core takes a share of the batch's rows through
           the whole sequence, BLAS on one thread in each, no synchronisation per step
           (chosen with MKL; NumPy's OpenBLAS only when named)
