@@ -16,6 +16,10 @@ from grumpy.kernels.blas import matmul
 from grumpy.kernels import gru_sequence_backward, gru_sequence_forward
 
 needs_mkl = pytest.mark.skipif(_blas.MKL is None, reason="MKL not installed (or GRUMPY_MKL=0)")
+needs_numpy_blas_threads = pytest.mark.skipif(
+    _blas.MKL is not None or _blas.NUMPY_BLAS is None or _blas.NUMPY_BLAS.set_threads_local is None
+    or _blas.NUMPY_BLAS.get_threads is None,
+    reason="one_thread() sets NumPy's OpenBLAS only without MKL, where its thread controls are found")
 
 # (M, K, N): NumPy's side (< 2^18 multiply-adds), MKL on one thread, MKL on all of them
 SIZES = [(5, 7, 3), (64, 64, 96), (128, 256, 128), (1, 1024, 512), (512, 1024, 1)]
@@ -238,11 +242,6 @@ def test_run_each_works_in_a_forked_child():
     r = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
-
-needs_numpy_blas_threads = pytest.mark.skipif(
-    _blas.MKL is not None or _blas.NUMPY_BLAS is None or _blas.NUMPY_BLAS.set_threads_local is None
-    or _blas.NUMPY_BLAS.get_threads is None,
-    reason="one_thread() sets NumPy's OpenBLAS only without MKL, where its thread controls are found")
 
 
 @needs_numpy_blas_threads

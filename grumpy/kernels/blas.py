@@ -153,9 +153,9 @@ def _threads(macs: int) -> Iterator[None]:
 # process, so concurrent one_thread() blocks share one setting: the first in sets 1 and
 # the last out restores the count the first found (per-thread save and restore raced,
 # and left the caller's own NumPy on one thread after a shared inference pass).
-_SHARED_LOCK = threading.Lock()
-_SHARED_USERS = 0
-_SHARED_PREV = 0
+_ONE_THREAD_LOCK = threading.Lock()
+_ONE_THREAD_BLOCKS = 0
+_ONE_THREAD_PREV = 0
 
 
 @contextlib.contextmanager
@@ -173,18 +173,18 @@ def one_thread() -> Iterator[None]:
     if NUMPY_BLAS is None or NUMPY_BLAS.set_threads_local is None:
         yield
         return
-    global _SHARED_USERS, _SHARED_PREV
-    with _SHARED_LOCK:
-        if _SHARED_USERS == 0:
-            _SHARED_PREV = NUMPY_BLAS.set_threads_local(1)
-        _SHARED_USERS += 1
+    global _ONE_THREAD_BLOCKS, _ONE_THREAD_PREV
+    with _ONE_THREAD_LOCK:
+        if _ONE_THREAD_BLOCKS == 0:
+            _ONE_THREAD_PREV = NUMPY_BLAS.set_threads_local(1)
+        _ONE_THREAD_BLOCKS += 1
     try:
         yield
     finally:
-        with _SHARED_LOCK:
-            _SHARED_USERS -= 1
-            if _SHARED_USERS == 0:
-                NUMPY_BLAS.set_threads_local(_SHARED_PREV)
+        with _ONE_THREAD_LOCK:
+            _ONE_THREAD_BLOCKS -= 1
+            if _ONE_THREAD_BLOCKS == 0:
+                NUMPY_BLAS.set_threads_local(_ONE_THREAD_PREV)
 
 
 def _operand(a: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -333,7 +333,7 @@ def packed(w: np.ndarray, m: int, trans: bool) -> Packed | None:
 
 def cores() -> int:
     """The threads the BLAS grumpy calls would use (all cores, unless limited, e.g. by
-    threadpoolctl); 1 where that BLAS cannot run on one thread per caller."""
+    threadpoolctl); 1 where grumpy cannot set that BLAS's threads (:func:`one_thread`)."""
     if MKL is not None:
         return max(1, MKL.MKL_Get_Max_Threads())
     if NUMPY_BLAS is None or NUMPY_BLAS.set_threads_local is None or NUMPY_BLAS.get_threads is None:
@@ -352,8 +352,8 @@ def _task(fn: Callable[[], Any]) -> Any:
 
 
 def run_each(fns: Sequence[Callable[[], Any]]) -> list[Any]:
-    """Call each of fns on its own thread (the first on the calling one), MKL on one
-    thread inside each, and return their results once all are done.
+    """Call each of fns on its own thread (the first on the calling one), the BLAS on one
+    thread inside each (:func:`one_thread`), and return their results once all are done.
 
     This is how inference shares a batch's rows among the cores: one thread per share,
     each through the whole sequence, with no synchronisation per step. Parallel
