@@ -135,7 +135,15 @@ def test_nll_equals_cross_entropy_and_is_stable(dtype):
     rng = np.random.default_rng(4)
     logits = (5 * rng.standard_normal((7, 3, 11))).astype(dtype)
     y = rng.integers(0, 11, (7, 3))
-    want, _ = cross_entropy(logits, y)
+    logits[1] += 1e3  # rows far from zero: the log-sum-exp must shift them
+    want, d = cross_entropy(logits, y)
+    # against float64 arithmetic written out: loss and gradient
+    z = logits.reshape(21, 11).astype(np.float64)
+    lse = z.max(1) + np.log(np.exp(z - z.max(1, keepdims=True)).sum(1))
+    assert want == pytest.approx((lse - z[np.arange(21), y.reshape(-1)]).mean(), rel=1e-6 if dtype == np.float32 else 1e-13)
+    p = np.exp(z - lse[:, None])
+    p[np.arange(21), y.reshape(-1)] -= 1
+    np.testing.assert_allclose(d.reshape(21, 11), p / 21, rtol=0, atol=1e-8 if dtype == np.float32 else 1e-13)
     assert nll(logits, y) == pytest.approx(want, rel=1e-6 if dtype == np.float32 else 1e-13)
     assert nll(logits, y, reduction="sum") == pytest.approx(21 * want, rel=1e-6 if dtype == np.float32 else 1e-13)
     huge = np.array([[1e30, -1e30, 0.0]], dtype)

@@ -75,23 +75,43 @@ def test_compiled_matches_numpy_path(branch, reverse, masked):
 
 @pytest.mark.parametrize("route", [None, "numpy", *K.ROUTES[1:]])
 @pytest.mark.parametrize("B", [1, 3])
-def test_every_route_matches_the_reference_cell(route, B):
-    """Each route, chosen explicitly, against GRUCell's arithmetic stepped by hand in float64."""
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_every_route_matches_the_reference_cell(route, B, masked, reverse):
+    """Each route, chosen explicitly, against GRUCell's arithmetic stepped by hand in float64,
+    with and without padding, in both directions."""
     from grumpy.kernels import blas
 
     if route == "packed" and blas.MKL is None:
         pytest.skip("the route needs MKL")
-    p = problem(np.random.default_rng(11), T=7, B=B, H=10, masked=True)
+    p = problem(np.random.default_rng(11), T=7, B=B, H=10, masked=masked)
     out, hl, _ = K.gru_sequence_forward(p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], mask=p["mask"],
-                                        keep_cache=route not in ("shared", "step"), route=route)
+                                        reverse=reverse, keep_cache=route not in ("shared", "step"), route=route)
     w = [p[k].astype(np.float64) for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
     h = p["h0"].astype(np.float64)
-    for t in range(7):
+    for t in range(6, -1, -1) if reverse else range(7):
         h_new, _ = gru_cell_forward(p["x"][t].astype(np.float64), h, *w)
-        m = p["mask"][t]
+        m = p["mask"][t] if masked else 1.0
         h = m * h_new + (1 - m) * h
         assert rel(out[t], m * h) < 2e-6
     assert rel(hl, h) < 2e-6
+
+
+def test_exp32_is_within_1_5_ulp_of_float64_and_keeps_the_edges():
+    """The loss's compiled e^x against float64's, over the whole range where e^x is a
+    normal float32, and at the edges: overflow to inf, underflow to 0, NaN kept."""
+    from grumpy.kernels import nb
+
+    x = np.linspace(-87.33, 88.72, 400_001, dtype=np.float32)
+    x = np.concatenate([x, np.float32([0.0, -0.0, 1e-30, -1e-30, 0.34657359, 88.7228, -87.3365])])
+    e = x.copy()
+    nb.exp_inplace(e)
+    want = np.exp(x.astype(np.float64))
+    ulps = np.abs(e - want) / np.spacing(want.astype(np.float32))
+    assert ulps.max() <= 1.5, x[ulps.argmax()]
+    edges = np.float32([88.8, 1e4, np.inf, -87.4, -1e4, -np.inf, np.nan])
+    nb.exp_inplace(edges)
+    np.testing.assert_array_equal(edges, np.float32([np.inf, np.inf, np.inf, 0.0, 0.0, 0.0, np.nan]))
 
 
 def test_an_impossible_route_is_a_clear_error():

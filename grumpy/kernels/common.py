@@ -69,6 +69,8 @@ def biases(
     bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, H: int, dt: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
     """(b_ih, b_hh), zeros (3H,) for a missing one: the compiled kernels always add both."""
+    if bias_ih is not None and bias_hh is not None:
+        return bias_ih, bias_hh
     zeros = np.zeros(3 * H, dt)
     return (bias_ih if bias_ih is not None else zeros), (bias_hh if bias_hh is not None else zeros)
 

@@ -18,10 +18,15 @@ needs NumPy only.
 
 from __future__ import annotations
 
+import math
 import types
+from typing import Any
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba import types as nbtypes
+from numba.extending import intrinsic
 
 from grumpy.kernels.blas import NO_TRANS as _NT
 from grumpy.kernels.blas import PACKED as _PK
@@ -336,6 +341,67 @@ def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):
     for j in range(H):
         r, z, n = gates(a_ir[j], a_iz[j], a_in[j], a_hr[j], a_hz[j], a_hn[j])
         out[j] = blend(z, n, h[j], _ONE)
+
+
+# e^x for float32. NumPy's float32 exp runs at about 4 ns an element on an AVX2 CPU
+# without AVX-512 (docs/benchmarks.md) and was most of the loss's time; this one
+# vectorises. x = k ln2 + r with |r| <= ln2/2 (Cody and Waite's two-part ln2, so k ln2
+# is exact), e^r by its Taylor polynomial to r^7 (truncation error below 4e-9), and 2^k
+# built from its bits. Compiled without 'reassoc', which would merge the two parts of ln2.
+_EXACT = {"nsz", "arcp", "contract", "afn"}
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_MAX, _EXP_MIN = np.float32(88.72283), np.float32(-87.33654)  # e^x: the largest float32; the smallest normal
+_E2, _E3, _E4, _E5, _E6, _E7 = (np.float32(1.0 / math.factorial(i)) for i in range(2, 8))
+_F127 = np.float32(127.0)
+
+
+def _f32_from_bits_typer(typingctx, bits):
+    """The float32 whose bits are the int32 ``bits``: a bitcast, which LLVM vectorises."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return nbtypes.float32(nbtypes.int32), codegen
+
+
+_f32_from_bits: Any = intrinsic(_f32_from_bits_typer)  # Any: called without the typing context
+
+
+@njit(inline="always", fastmath=_EXACT, error_model="numpy", cache=True)
+def exp32(x):
+    """e^x within 1.3 ulp (tests/test_kernels_compiled.py), 0 below the normal floats
+    (e^-87.34), inf above the largest; NaN passes through (selects, not min/max)."""
+    c = _EXP_MAX if x > _EXP_MAX else x
+    c = _EXP_MIN if c < _EXP_MIN else c
+    # k = round(c / ln2), by truncation of a positive number (float -> int32 vectorises)
+    k = np.float32(np.int32(c * _LOG2E + np.float32(126.5))) - np.float32(126.0)
+    r = (c - k * _LN2_HI) - k * _LN2_LO
+    p = ((((((_E7 * r + _E6) * r + _E5) * r + _E4) * r + _E3) * r + _E2) * r + _ONE) * r + _ONE
+    big = k > _F127  # 2^128 is no float32: 2 p 2^127 instead
+    p = p + p if big else p
+    k = _F127 if big else k
+    e = p * _f32_from_bits(np.int32((k + _F127) * np.float32(8388608.0)))  # 2^k: exponent field k + 127
+    e = _ZERO if x < _EXP_MIN else e
+    return np.float32(np.inf) if x > _EXP_MAX else e
+
+
+@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+def exp_inplace(a):
+    """a (N,) = e^a, by :func:`exp32`."""
+    for i in range(a.shape[0]):
+        a[i] = exp32(a[i])
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def softmax_gradient(e, s, t, scale):
+    """In place, e (N, V) = e^(z - max) with row sums s (N,) -> (softmax(z) - onehot(t)) * scale:
+    the cross-entropy's gradient for targets t (N,), scale 1/N for the mean."""
+    for i in range(e.shape[0]):
+        ei = e[i]
+        f = scale / s[i]
+        for j in range(ei.shape[0]):
+            ei[j] *= f
+        ei[t[i]] -= scale
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)

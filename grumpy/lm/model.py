@@ -47,16 +47,9 @@ def nll(logits: np.ndarray, targets: np.ndarray, *, reduction: str = "mean") -> 
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     t = targets.reshape(-1)
-    nb = compiled_kernels()
-    if nb is not None and z.dtype == np.float32 and z.size:
-        # the row reductions compiled (NumPy's along short rows cost most of the time)
-        m = np.empty(z.shape[0], z.dtype)
-        e = np.empty_like(z)
-        nb.shift_rows(np.ascontiguousarray(z), e, m)
-        np.exp(e, out=e)
-        s = np.empty_like(m)
-        nb.row_sums(e, s)
-        lse = np.log(s) + m
+    fast = _compiled_rows(z)
+    if fast is not None:
+        lse = fast[2]
     else:
         m = z.max(axis=1)
         e = np.subtract(z, m[:, None])
@@ -66,12 +59,37 @@ def nll(logits: np.ndarray, targets: np.ndarray, *, reduction: str = "mean") -> 
     return float(losses.sum() if reduction == "sum" else losses.mean())
 
 
+def _compiled_rows(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """For float32 logits z (N, V) with numba: (e^(z - m) (N, V), its row sums s (N,), the
+    log-sum-exp m + log s (N,)), m the rows' maxima, in compiled passes (NumPy's
+    reductions along short rows and its float32 exp cost most of a loss's time); else None."""
+    nb = compiled_kernels()
+    if nb is None or z.dtype != np.float32 or not z.size:
+        return None
+    m = np.empty(z.shape[0], z.dtype)
+    e = np.empty_like(z)
+    nb.shift_rows(np.ascontiguousarray(z), e, m)
+    nb.exp_inplace(e.reshape(-1))
+    s = np.empty_like(m)
+    nb.row_sums(e, s)
+    return e, s, np.log(s) + m
+
+
 def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
     """Mean cross-entropy in nats. logits (..., V), targets (...) ints -> (loss, d_logits)."""
     V = logits.shape[-1]
-    lp = log_softmax(logits.reshape(-1, V))
+    z = logits.reshape(-1, V)
     t = targets.reshape(-1)
     N = t.shape[0]
+    fast = _compiled_rows(z)
+    if fast is not None:
+        e, s, lse = fast
+        loss = float((lse - np.take_along_axis(z, t[:, None], axis=1)[:, 0]).astype(np.float64).mean())
+        nb = compiled_kernels()
+        assert nb is not None
+        nb.softmax_gradient(e, s, t, np.float32(1.0 / N))  # e becomes (softmax - onehot) / N
+        return loss, e.reshape(logits.shape)
+    lp = log_softmax(z)
     loss = -float(lp[np.arange(N), t].astype(np.float64).mean())
     d = np.exp(lp)  # softmax
     d[np.arange(N), t] -= 1.0
