@@ -404,19 +404,66 @@ def softmax_gradient(e, s, t, scale):
         ei[t[i]] -= scale
 
 
+@njit(inline="always", fastmath=_FM, error_model="numpy", cache=True)
+def row_max(zi):
+    """The largest of zi (V,), NaN if zi[0] is NaN (a later NaN makes the loss NaN through
+    e^(z - max)). Four running maxima: one chain of compare-and-select ran at a quarter of
+    the rate (selects are not reassociated, so LLVM does not split the chain itself)."""
+    V = zi.shape[0]
+    m0 = m1 = m2 = m3 = zi[0]
+    j = 1
+    while j + 4 <= V:
+        a, b, c, d = zi[j], zi[j + 1], zi[j + 2], zi[j + 3]
+        m0 = a if a > m0 else m0
+        m1 = b if b > m1 else m1
+        m2 = c if c > m2 else m2
+        m3 = d if d > m3 else m3
+        j += 4
+    while j < V:
+        m0 = zi[j] if zi[j] > m0 else m0
+        j += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    return m2 if m2 > m0 else m0
+
+
 @njit(fastmath=_FM, error_model="numpy", cache=True)
 def shift_rows(z, out, m):
     """z (N, V) -> m (N,) the row maxima, out (N, V) = z - m: the first pass of log-sum-exp.
     NumPy's reductions along short rows (V = 65) cost most of the loss's time."""
-    N, V = z.shape
-    for i in range(N):
+    for i in range(z.shape[0]):
         zi, oi = z[i], out[i]
-        mi = zi[0]
-        for j in range(1, V):
-            mi = zi[j] if zi[j] > mi else mi
+        mi = row_max(zi)
         m[i] = mi
-        for j in range(V):
+        for j in range(zi.shape[0]):
             oi[j] = zi[j] - mi
+
+
+@njit(fastmath=_EXACT, error_model="numpy", cache=True)
+def _exp_shifted(zi, mi, buf):
+    for j in range(zi.shape[0]):
+        buf[j] = exp32(zi[j] - mi)
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def _total(buf):
+    acc = buf[0] * 0
+    for j in range(buf.shape[0]):
+        acc += buf[j]
+    return acc
+
+
+@njit(fastmath=_FM, error_model="numpy", cache=True)
+def shifted_exp_sums(z, m, s):
+    """z (N, V) -> m (N,) the row maxima and s (N,) the sums of e^(z - m) along the rows, a
+    row at a time (no (N, V) array: the loss without its gradient). The exponentials and
+    the sum are separate functions: e^x must not be reassociated, the sum must be to vectorise."""
+    buf = np.empty(z.shape[1], z.dtype)
+    for i in range(z.shape[0]):
+        zi = z[i]
+        m[i] = row_max(zi)
+        _exp_shifted(zi, m[i], buf)
+        s[i] = _total(buf)
 
 
 @njit(fastmath=_FM, error_model="numpy", cache=True)

@@ -47,9 +47,12 @@ def nll(logits: np.ndarray, targets: np.ndarray, *, reduction: str = "mean") -> 
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     t = targets.reshape(-1)
-    fast = _compiled_rows(z)
-    if fast is not None:
-        lse = fast[2]
+    nb = compiled_kernels()
+    if nb is not None and z.dtype == np.float32 and z.size:
+        m = np.empty(z.shape[0], z.dtype)
+        s = np.empty_like(m)
+        nb.shifted_exp_sums(np.ascontiguousarray(z), m, s)
+        lse = np.log(s) + m
     else:
         m = z.max(axis=1)
         e = np.subtract(z, m[:, None])
@@ -62,7 +65,8 @@ def nll(logits: np.ndarray, targets: np.ndarray, *, reduction: str = "mean") -> 
 def _compiled_rows(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """For float32 logits z (N, V) with numba: (e^(z - m) (N, V), its row sums s (N,), the
     log-sum-exp m + log s (N,)), m the rows' maxima, in compiled passes (NumPy's
-    reductions along short rows and its float32 exp cost most of a loss's time); else None."""
+    reductions along short rows and its float32 exp cost most of a loss's time,
+    docs/benchmarks.md); else None."""
     nb = compiled_kernels()
     if nb is None or z.dtype != np.float32 or not z.size:
         return None
