@@ -373,8 +373,9 @@ def exp32(x):
     (e^-87.34), inf above the largest; NaN passes through (selects, not min/max)."""
     c = _EXP_MAX if x > _EXP_MAX else x
     c = _EXP_MIN if c < _EXP_MIN else c
-    # k = round(c / ln2), by truncation of a positive number (float -> int32 vectorises)
-    k = np.float32(np.int32(c * _LOG2E + np.float32(126.5))) - np.float32(126.0)
+    # k = round(c / ln2), by truncation of a positive number (float -> int32 vectorises);
+    # from 0 for a NaN, whose conversion to an integer LLVM leaves undefined (r stays NaN)
+    k = np.float32(np.int32((c if c == c else _ZERO) * _LOG2E + np.float32(126.5))) - np.float32(126.0)
     r = (c - k * _LN2_HI) - k * _LN2_LO
     p = ((((((_E7 * r + _E6) * r + _E5) * r + _E4) * r + _E3) * r + _E2) * r + _ONE) * r + _ONE
     big = k > _F127  # 2^128 is no float32: 2 p 2^127 instead
