@@ -31,38 +31,24 @@ def gru_step(
     h = np.asarray(h)
     H = h.shape[-1]
     dt = h.dtype
+    nb = compiled_kernels()
     if x.ndim == 1 and h.ndim == 1 and x.dtype == dt and weight_hh.dtype == dt and use_compiled(dt, reset_after):
+        assert nb is not None
         out = np.empty(H, dt)
-        _one_stream(np.ascontiguousarray(x), np.ascontiguousarray(h), *_prepared(weight_ih, weight_hh, bias_ih,
-                                                                                 bias_hh), out)
+        b_ih, b_hh = biases(bias_ih, bias_hh, H, dt)
+        if H >= STEP_BLAS_MIN:  # the weights stream from memory: every core reads a share
+            nb.step_gates(matmul(weight_ih, x), matmul(weight_hh, h), b_ih, b_hh, np.ascontiguousarray(h), out)
+            return out
+        nb.step_serial(
+            np.ascontiguousarray(x), np.ascontiguousarray(h),
+            np.ascontiguousarray(weight_ih), np.ascontiguousarray(weight_hh), b_ih, b_hh, out,
+        )
         return out
     h_new, _ = gru_cell_forward(
         x.reshape(-1, x.shape[-1]), h.reshape(-1, H), weight_ih, weight_hh, bias_ih, bias_hh,
         reset_after=reset_after,
     )
     return h_new.reshape(h.shape)
-
-
-def _prepared(weight_ih: np.ndarray, weight_hh: np.ndarray, bias_ih: np.ndarray | None,
-              bias_hh: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The weights contiguous and both biases present (zeros for a missing one), as
-    :func:`_one_stream` takes them."""
-    b_ih, b_hh = biases(bias_ih, bias_hh, weight_hh.shape[-1], weight_hh.dtype)
-    return np.ascontiguousarray(weight_ih), np.ascontiguousarray(weight_hh), b_ih, b_hh
-
-
-def _one_stream(x: np.ndarray, h: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray, b_ih: np.ndarray,
-                b_hh: np.ndarray, out: np.ndarray) -> None:
-    """One float32 step of one stream, x (I,), h (H,) contiguous, the rest from
-    :func:`_prepared`, into out (H,): one compiled pass (the three gates' matrix-vector
-    products and the gate math fused, no temporaries), or from ``STEP_BLAS_MIN`` on
-    BLAS's matrix-vector products on all cores, then the gates."""
-    nb = compiled_kernels()
-    assert nb is not None
-    if h.shape[0] >= STEP_BLAS_MIN:  # the weights stream from memory: every core reads a share
-        nb.step_gates(matmul(w_ih, x), matmul(w_hh, h), b_ih, b_hh, h, out)
-    else:
-        nb.step_serial(x, h, w_ih, w_hh, b_ih, b_hh, out)
 
 
 class GRUStep:
@@ -127,16 +113,6 @@ def steps_forward(
     (T, B, H), h_last (B, H), by :func:`gru_step` at each step (inference only)."""
     T, B, _ = x.shape
     out = np.empty((T, B, h0.shape[-1]), h0.dtype)
-    dt = h0.dtype
-    if B == 1 and mask is None and x.dtype == dt and weight_hh.dtype == dt and use_compiled(dt, True):
-        # one stream, every step valid (generation's case): the weights prepared once, each
-        # step written straight into the output, which holds the next step's state
-        prepared = _prepared(weight_ih, weight_hh, bias_ih, bias_hh)
-        h = np.ascontiguousarray(h0[0])
-        for t in range(T - 1, -1, -1) if reverse else range(T):
-            _one_stream(np.ascontiguousarray(x[t, 0]), h, *prepared, out[t, 0])
-            h = out[t, 0]
-        return out, h[None].copy()
     h = h0
     for t in range(T - 1, -1, -1) if reverse else range(T):
         # one stream as 1-d vectors: the compiled generation step
