@@ -243,7 +243,6 @@ def test_run_each_works_in_a_forked_child():
     assert r.returncode == 0, r.stderr
 
 
-
 @needs_numpy_blas_threads
 def test_concurrent_one_thread_blocks_give_numpys_threads_back():
     # NumPy's OpenBLAS sets even its "local" thread count for the whole process. Two blocks

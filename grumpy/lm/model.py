@@ -28,6 +28,7 @@ from grumpy.layers import GRU, param_shapes
 from grumpy.lm.config import ModelConfig
 
 LN2 = math.log(2.0)  # nats per bit
+LOSS_ROWS = 128  # rows of e^(z - m) at a time when the loss alone is wanted: 33 KB at V = 65, in L2
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -47,12 +48,9 @@ def nll(logits: np.ndarray, targets: np.ndarray, *, reduction: str = "mean") -> 
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     t = targets.reshape(-1)
-    nb = compiled_kernels()
-    if nb is not None and z.dtype == np.float32 and z.size:
-        m = np.empty(z.shape[0], z.dtype)
-        s = np.empty_like(m)
-        nb.shifted_exp_sums(np.ascontiguousarray(z), m, s)
-        lse = np.log(s) + m
+    fast = _compiled_log_sum_exp(z, keep_exp=False)
+    if fast is not None:
+        lse = fast[2]
     else:
         m = z.max(axis=1)
         e = np.subtract(z, m[:, None])
@@ -62,20 +60,18 @@ def nll(logits: np.ndarray, targets: np.ndarray, *, reduction: str = "mean") -> 
     return float(losses.sum() if reduction == "sum" else losses.mean())
 
 
-def _compiled_rows(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """For float32 logits z (N, V) with numba: (e^(z - m) (N, V), its row sums s (N,), the
-    log-sum-exp m + log s (N,)), m the rows' maxima, in compiled passes (NumPy's
-    reductions along short rows and its float32 exp cost most of a loss's time,
-    docs/benchmarks.md); else None."""
+def _compiled_log_sum_exp(z: np.ndarray, keep_exp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """For float32 logits z (N, V) with numba: (e^(z - m), its row sums s (N,), the
+    log-sum-exp m + log s (N,)), m the rows' maxima, in one compiled pass a row
+    (docs/benchmarks.md); e^(z - m) is (N, V) with keep_exp, else a scratch of LOSS_ROWS rows.
+    None without numba or for other dtypes."""
     nb = compiled_kernels()
     if nb is None or z.dtype != np.float32 or not z.size:
         return None
     m = np.empty(z.shape[0], z.dtype)
-    e = np.empty_like(z)
-    nb.shift_rows(np.ascontiguousarray(z), e, m)
-    nb.exp_inplace(e.reshape(-1))
     s = np.empty_like(m)
-    nb.row_sums(e, s)
+    e = np.empty_like(z) if keep_exp else np.empty((min(LOSS_ROWS, z.shape[0]), z.shape[1]), z.dtype)
+    nb.shifted_exp_sums(np.ascontiguousarray(z), m, s, e)
     return e, s, np.log(s) + m
 
 
@@ -85,7 +81,7 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nd
     z = logits.reshape(-1, V)
     t = targets.reshape(-1)
     N = t.shape[0]
-    fast = _compiled_rows(z)
+    fast = _compiled_log_sum_exp(z, keep_exp=True)
     if fast is not None:
         e, s, lse = fast
         loss = float((lse - np.take_along_axis(z, t[:, None], axis=1)[:, 0]).astype(np.float64).mean())
