@@ -341,14 +341,15 @@ class _Cell:
             self.w_rz, self.w_n = self.w_hh.rows(0, 2 * H), self.w_hh.rows(2 * H, 3 * H)
 
     def step(self, gi: tuple[np.ndarray, np.ndarray] | None, x: np.ndarray, hp: np.ndarray, ho: np.ndarray,
-             m: np.ndarray | None) -> None:
+             m: np.ndarray | None, serial: bool = False) -> None:
         """ho (B, H) = the state after one step from hp (B, H); gi the input products as
         (raw (B, 3H), scales (B,)) (see :meth:`QMatrix.raw`), or None to compute them from
-        x (B, I) here; m (B,) the mask or None."""
+        x (B, I) here; m (B,) the mask or None. ``serial``: one stream on the calling
+        thread only (see :meth:`sequence`)."""
         B, H = hp.shape
         nb = _numba()
         if nb is not None and self.reset_after and B == 1 and m is None:
-            self._fused_step(nb, x[0], hp[0], ho[0])
+            self._fused_step(nb, x[0], hp[0], ho[0], serial)
             return
         gi_raw, si = self.w_ih.raw(x) if gi is None else gi
         if nb is None or not self.reset_after:
@@ -366,10 +367,10 @@ class _Cell:
         gates(gi_raw, si, self.w_ih.scale, gh, sa, self.w_hh.scale, self.b_ih, self.b_hh, hp, ho,
               np.empty(0, _F32) if m is None else m)
 
-    def _fused_step(self, nb: Any, x: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
+    def _fused_step(self, nb: Any, x: np.ndarray, h: np.ndarray, out: np.ndarray, serial: bool) -> None:
         """One stream: one compiled call for both products and the gates."""
         H, I = self.H, x.shape[0]
-        big = 3 * H * (H + I) >= QUANT_PARALLEL_MIN
+        big = not serial and 3 * H * (H + I) >= QUANT_PARALLEL_MIN
         if self._scratch is None:  # kept: fresh arrays cost a noticeable share of a small step
             self._scratch = (np.empty((2, 3 * H), _F32), np.empty((1, I), _F32), np.empty((1, H), _F32))
         g, xq, hq = self._scratch
@@ -437,7 +438,11 @@ class _Cell:
                     hs[io] = hs[ip]
                     continue
                 g = None if gi is None or si is None else (gi[t - lo], si[t - lo])
-                self.step(g, x[t], hs[ip], hs[io], None if one else m)
+                # One stream on the calling thread: a sequence sits between the caller's
+                # products (its head), after which NumPy's BLAS threads spin for a while and
+                # numba's would share the cores with them, 3.3x slower a step than serial
+                # (docs/precision.md); a single step() between vector products keeps both.
+                self.step(g, x[t], hs[ip], hs[io], None if one else m, serial=one)
         out = hs[:T] if reverse else hs[1:]
         if mask is not None:
             out = out * mask[..., None]
