@@ -65,6 +65,8 @@ QUANT_PARALLEL_MIN = 1 << 18
 # product on a float32 copy of the quantized values (at most 3H x 128 x 4 bytes), faster
 # there than its bfloat16 product, which suits long rows.
 QUANT_DENSE_K = 128
+# The loss alone (grumpy.lm.model.nll): e^(z - max) this many rows at a time (33 KB at V = 65, in L2).
+LOSS_ROWS = 128
 
 _LOADED: dict[str, ModuleType | None] = {}  # compiled-kernel modules once imported; None when unavailable
 _LOAD_LOCK = threading.RLock()

@@ -23,12 +23,11 @@ import numpy as np
 from grumpy._util import check_dtype, dropout_mask
 from grumpy.kernels import GRUStep, gru_step
 from grumpy.kernels.blas import column_sums, matmul
-from grumpy.kernels.route import compiled_kernels
+from grumpy.kernels.route import LOSS_ROWS, compiled_kernels
 from grumpy.layers import GRU, param_shapes
 from grumpy.lm.config import ModelConfig
 
 LN2 = math.log(2.0)  # nats per bit
-LOSS_ROWS = 128  # rows of e^(z - m) at a time when the loss alone is wanted: 33 KB at V = 65, in L2
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -62,9 +61,9 @@ def nll(logits: np.ndarray, targets: np.ndarray, *, reduction: str = "mean") -> 
 
 def _compiled_log_sum_exp(z: np.ndarray, keep_exp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """For float32 logits z (N, V) with numba: (e^(z - m), its row sums s (N,), the
-    log-sum-exp m + log s (N,)), m the rows' maxima, in one compiled pass a row
-    (docs/benchmarks.md); e^(z - m) is (N, V) with keep_exp, else a scratch of LOSS_ROWS rows.
-    None without numba or for other dtypes."""
+    log-sum-exp m + log s (N,)), m the rows' maxima, by the compiled passes of
+    ``shifted_exp_sums`` (docs/benchmarks.md); e^(z - m) is (N, V) with keep_exp, else a
+    scratch of LOSS_ROWS rows. None without numba or for other dtypes."""
     nb = compiled_kernels()
     if nb is None or z.dtype != np.float32 or not z.size:
         return None
