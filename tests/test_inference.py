@@ -41,6 +41,7 @@ ROUTES = {
     "steps": K.Route("steps", chunk_bytes=SMALL_CHUNKS),
     "steps-no-mkl": K.Route("steps", chunk_bytes=SMALL_CHUNKS),  # the loop where MKL is not installed
     "steps-parallel": K.Route("steps", parallel=True, chunk_bytes=SMALL_CHUNKS),  # gate kernels on all cores
+    "steps-panels": K.Route("steps", panels=True, chunk_bytes=SMALL_CHUNKS),  # products on packed weights
     "shared": K.Route("shared", shares=((0, 1), (1, 3))),  # the batch's rows shared among threads, unevenly
     "step": K.Route("step"),  # the generation step at every step
 }

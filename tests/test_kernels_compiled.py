@@ -42,6 +42,7 @@ COMPILED = {  # every compiled route, forced at a small size
     "packed": K.Route("packed"),
     "steps": K.Route("steps"),
     "steps-parallel": K.Route("steps", parallel=True),
+    "steps-panels": K.Route("steps", panels=True),  # grumpy's products on packed weights
 }
 
 
@@ -276,3 +277,49 @@ def test_threads_that_first_use_the_kernels_together_all_get_them():
                          env={k: v for k, v in os.environ.items() if k != "GRUMPY_NUMBA"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[True, True, True, True]"
+
+
+@pytest.mark.parametrize("R, K, N", [(18, 5, 3), (64, 1, 4), (130, 7, 13), (192, 64, 128), (768, 33, 9)])
+def test_panel_products_equal_float64_and_every_split(R, K, N):
+    """grumpy.kernels.panels: out = a w^T on weights packed in panels of 64 rows. Checked
+    against float64, and the serial and parallel kernels against each other bit for bit
+    (each output is one chain of fused multiply-adds in k's order, whichever tile and
+    thread computes it). The sizes cover padded panels, the 1 to 3 rows after the groups
+    of four, and few panels (split into blocks of rows)."""
+    P = pytest.importorskip("grumpy.kernels.panels")
+    rng = np.random.default_rng(R + K + N)
+    w = rng.standard_normal((R, K)).astype(np.float32)
+    a = rng.standard_normal((N, K)).astype(np.float32)
+    wp = P.pack(w)
+    assert wp.shape == (-(-R // 64), K, 64)
+    want = a.astype(np.float64) @ w.T.astype(np.float64)
+    got = {}
+    for name, f in (("serial", P.products_serial), ("parallel", P.products_parallel)):
+        out = np.full((N, R + 3), np.nan, np.float32)[:, :R]  # columns past R must stay untouched
+        f(wp, a, out)
+        assert np.isnan(out.base[:, R:]).all()
+        got[name] = out.copy()
+        assert rel(got[name], want) < 1e-6
+    np.testing.assert_array_equal(got["serial"], got["parallel"])
+
+
+def test_the_tbb_check_agrees_with_the_layer_numba_runs_on():
+    """parallel_gates_ok() once imported numba's TBB module directly, which failed where
+    numba itself loads libtbb and then runs on it: the check said no TBB, and the parallel
+    kernels were never chosen. Asked first in a fresh process, it must agree with the
+    threading layer numba then picks."""
+    import subprocess
+    import sys
+
+    code = (
+        "from grumpy.kernels.route import parallel_gates_ok\n"
+        "ok = parallel_gates_ok()\n"
+        "import numba, numpy as np\n"
+        "f = numba.njit(parallel=True)(lambda a: sum([a[i] for i in numba.prange(a.size)]))\n"
+        "f(np.ones(4)); print(ok, numba.threading_layer())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    ok, layer = out.stdout.split()
+    assert ok == str(layer == "tbb")

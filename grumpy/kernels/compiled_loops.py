@@ -40,8 +40,26 @@ def transposed(w: np.ndarray) -> np.ndarray:
     return out
 
 
-def _recurrent_product(weight_hh: np.ndarray, B: int) -> Callable[[np.ndarray, np.ndarray], Any]:
-    """gh (B, 3H) = h (B, H) W_hh^T through BLAS, for the ``steps`` route."""
+def _panel_product(w: np.ndarray) -> Callable[[np.ndarray, np.ndarray], Any]:
+    """out (N, R) = a (N, K) w^T by grumpy.kernels.panels, w (R, K) packed now, once."""
+    k = compiled_kernels("panels")
+    assert k is not None, "route.panels was chosen without the panel kernels"
+    wp = k.pack(w)
+    # rows of a must be contiguous for the kernel: a no-op for the states and a contiguous x
+    return lambda a, out: k.products_parallel(wp, np.ascontiguousarray(a), out)
+
+
+def _input_product(route: Route, weight_ih: np.ndarray) -> Callable[[np.ndarray, np.ndarray], Any]:
+    """gates (N, 3H) = x (N, I) W_ih^T, N = steps x batch: the route's product."""
+    if route.panels:
+        return _panel_product(weight_ih)
+    return lambda x2, g2: matmul(x2, weight_ih.T, g2)
+
+
+def _recurrent_product(route: Route, weight_hh: np.ndarray, B: int) -> Callable[[np.ndarray, np.ndarray], Any]:
+    """gh (B, 3H) = h (B, H) W_hh^T, for the ``steps`` route."""
+    if route.panels:
+        return _panel_product(weight_hh)
     if B == 1:  # one stream: W_hh h on W_hh's contiguous rows, faster than h W_hh^T
         whh = np.ascontiguousarray(weight_hh)
         return lambda h, gh: matmul(whh, h[0], gh[0])
@@ -98,14 +116,14 @@ def forward(
     H = h0.shape[-1]
     dt = x.dtype
     gates = scratch(workspace, "gates", (T, B, 3 * H), dt)
-    matmul(x.reshape(T * B, -1), weight_ih.T, gates.reshape(T * B, 3 * H))
+    _input_product(route, weight_ih)(x.reshape(T * B, -1), gates.reshape(T * B, 3 * H))
     hs = new_states(h0, T, reverse)
     hn_all = scratch(workspace, "hn", (T, B, H), dt)
     bih, bhh = biases(bias_ih, bias_hh, H, dt)
     m2 = mask2(mask, T, dt)
     if route.kind == "steps":
         fused = nb.gates_forward_parallel if route.parallel else nb.gates_forward_serial
-        product = _recurrent_product(weight_hh, B)
+        product = _recurrent_product(route, weight_hh, B)
         h_in, h_out = state_views(hs, reverse)
         gh = np.empty((B, 3 * H), dt)
         for t in time_steps(T, reverse):
@@ -142,7 +160,8 @@ def _forward_inference(
     m2 = mask2(mask, T, dt)
     no_hn = np.empty((0, B, H), dt)  # tells the compiled loop to keep nothing
     loop = _Loop(route, weight_ih, weight_hh, B, stepwise=False) if route.kind != "steps" else None
-    product = _recurrent_product(weight_hh, B) if loop is None else None
+    product = _recurrent_product(route, weight_hh, B) if loop is None else None
+    project = _input_product(route, weight_ih)
     fused = nb.gates_infer_parallel if route.parallel else nb.gates_infer_serial
     gh = np.empty((B, 3 * H), dt)
     order = list(time_steps(T, reverse))
@@ -150,7 +169,7 @@ def _forward_inference(
         ts = order[c0 : c0 + chunk]
         lo, n = min(ts), len(ts)
         g = gbuf[:n]
-        matmul(x[lo : lo + n].reshape(n * B, I), weight_ih.T, g.reshape(n * B, 3 * H))
+        project(x[lo : lo + n].reshape(n * B, I), g.reshape(n * B, 3 * H))
         if loop is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
             loop(_NO_X, g, bih, bhh, hs[lo : lo + n + 1], no_hn, m2[lo : lo + n], reverse, 0, B)
             continue

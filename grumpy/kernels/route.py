@@ -17,10 +17,12 @@ loop      the whole time loop compiled (numba), each step's product by the BLAS
           small batches, and one stream at any H (its ``sgemv``)
 packed    with the opt-in MKL: the whole time loop compiled, each step's recurrent
           product on weights MKL packed once per call
-steps     a Python loop over the steps: one BLAS product and one compiled gate
+steps     a Python loop over the steps: one matrix product and one compiled gate
           kernel per step (without MKL, batches of more than LOOP_MAX_MACS
           multiply-adds a step; with MKL, one stream at large H; and where
-          NumPy's BLAS cannot be called from compiled code)
+          NumPy's BLAS cannot be called from compiled code). The products are
+          grumpy's own on weights packed once (``panels``: AVX-512 and numba on
+          TBB) or else BLAS's
 shared    inference only: each core takes a share of the batch's rows through
           the whole sequence, BLAS on one thread in each, no synchronisation per step
           (chosen with MKL; NumPy's OpenBLAS only when named)
@@ -44,8 +46,11 @@ from grumpy.kernels import blas
 
 ROUTES = ("numpy", "loop", "packed", "steps", "shared", "step")
 
-# Gate kernels use all cores from this many batch x hidden elements per step.
-PARALLEL_MIN = 1 << 16
+# Gate kernels use all cores from this many batch x hidden elements per step. Below it
+# numba's second worker loses: beside NumPy's OpenBLAS, whose threads spin for about
+# 100 ms after each call of its own, inference at H=1024, B=128 (2^17) ran at 28.6k
+# tokens/s against 39.1k on the calling thread; at B=256 (2^18) 50.0k against 48.4k.
+PARALLEL_MIN = 1 << 18
 # Without MKL's packed product the whole loop is compiled up to this many multiply-adds per
 # step (B * H * 3H), and for one stream at any size; above, each step's product is NumPy's
 # (or MKL's) call from Python.
@@ -56,6 +61,10 @@ PACKED_MIN_H = 128
 SHARE_MIN_ROWS = 64
 # Inference without a cache computes the input projections this many bytes of steps at a time.
 INFER_CHUNK_BYTES = 1 << 23
+# The ``steps`` route takes grumpy's products on packed weights (grumpy.kernels.panels) from
+# this H: there OpenBLAS spends about half of each step's product repacking W_hh (12 MB).
+# At H=512 its own two threads won beside a caller's products (docs/benchmarks.md).
+PANELS_MIN_H = 1024
 # Generation, one stream: from this H the step's matrix-vector products go to BLAS.
 STEP_BLAS_MIN = 512
 # Reduced precision (grumpy.quantized): the compiled int8 / bfloat16 products and the
@@ -101,17 +110,32 @@ def parallel_gates_ok() -> bool:
     global _TBB
     if _TBB is None:
         try:
-            import numba.np.ufunc.tbbpool  # noqa: F401  (loads libtbb, or fails)
+            from numba.np.ufunc import parallel
+
+            # numba's own check loads libtbb the way numba will (by name, through the
+            # interpreter's library path); importing tbbpool alone failed where that
+            # succeeded, so the check once said no TBB where numba then ran on it.
+            parallel._check_tbb_version_compatible()
+            import numba.np.ufunc.tbbpool  # noqa: F401
 
             _TBB = True
-        except ImportError:
+        except Exception:  # ImportError, or a numba without that check: no TBB assumed
             _TBB = False
     return _TBB
 
 
+def panels_ok() -> bool:
+    """Whether the ``steps`` route's products may be grumpy's own (grumpy.kernels.panels):
+    where numba targets AVX-512 (elsewhere its 16-lane vectors are split and spill) and
+    runs its threads on TBB (whose workers sleep when idle, as NumPy's BLAS expects of
+    its neighbours; see :func:`parallel_gates_ok`)."""
+    k = compiled_kernels("panels")
+    return k is not None and k.available() and parallel_gates_ok()
+
+
 def use_compiled(dtype: np.dtype, reset_after: bool) -> bool:
     """Whether the compiled kernels can run this dtype and gate form (float32, reset_after)."""
-    return np.dtype(dtype) == np.float32 and reset_after and compiled_kernels() is not None
+    return reset_after and np.dtype(dtype) == np.float32 and compiled_kernels() is not None
 
 
 @dataclass(frozen=True)
@@ -120,12 +144,18 @@ class Route:
 
     ``parallel``: the gate kernels use all cores. ``shares``: for ``shared``, the
     rows (b0, b1) each core takes. ``chunk_bytes``: inference without a cache
-    computes the input projections this many bytes' worth of steps at a time."""
+    computes the input projections this many bytes' worth of steps at a time.
+    ``panels``: for ``steps``, the forward's products are :mod:`grumpy.kernels.panels`'
+    on weights packed once per call, on all cores, instead of BLAS's."""
 
     kind: str
     parallel: bool = False
     shares: tuple[tuple[int, int], ...] = ()
     chunk_bytes: int = INFER_CHUNK_BYTES
+    panels: bool = False
+
+
+_STEP = Route("step")  # Routes are frozen: the one generation route is shared
 
 
 def _even_shares(B: int, n: int) -> tuple[tuple[int, int], ...]:
@@ -143,7 +173,7 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
     if not use_compiled(dtype, reset_after):
         return Route("numpy")
     if not grad and T == 1 and B == 1:  # one step of one stream: the loops' set-up would dominate
-        return Route("step")
+        return _STEP
     parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
     n_shares = min(blas.cores(), B // SHARE_MIN_ROWS)
     # Shares only with MKL: NumPy's OpenBLAS sets its thread count for the whole process
@@ -160,7 +190,7 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
     # library's sgemm called from the compiled loop.
     if blas.SGEMM is not None and (whole_loop or (B == 1 and blas.MKL is None)):
         return Route("loop")
-    return Route("steps", parallel)
+    return Route("steps", parallel, panels=_panels(B, H))
 
 
 def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: bool) -> Route:
@@ -180,5 +210,12 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
     if kind == "shared":
         return Route("shared", shares=_even_shares(B, max(1, min(blas.cores(), B))))
     if kind == "step":
-        return Route("step")
-    return Route(kind, B * H >= PARALLEL_MIN and parallel_gates_ok())
+        return _STEP
+    parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
+    return Route(kind, parallel, panels=kind == "steps" and _panels(B, H))
+
+
+def _panels(B: int, H: int) -> bool:
+    """Whether the ``steps`` route's products are grumpy's on weights packed once per call
+    (a batch at large H, where OpenBLAS repacks W_hh at every step's call)."""
+    return B > 1 and H >= PANELS_MIN_H and panels_ok()

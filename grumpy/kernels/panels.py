@@ -1,0 +1,159 @@
+"""The float32 products of the ``steps`` route on weights packed once per call: out = a W^T.
+
+A BLAS call packs both operands into its own layout on every call. Each step of a GRU
+multiplies a small (B, H) state by the same (3H, H) weights, so at B = 32 OpenBLAS
+spends about half of each step's product repacking W_hh (12.6 MB at H = 1024). Here the
+weights are packed once per sequence and each step reads them as they lie
+(docs/benchmarks.md, "How grumpy is fast": 480 against 230 GFLOP/s at B = 32, H = 1024).
+
+Layout, the one :mod:`grumpy.kernels.vnni` uses for int8: the weights padded to a
+multiple of 64 rows and packed as (R / 64, K, 64), so column k of a panel of 64 rows is
+four 16-lane vectors. For each row of a, the kernel broadcasts a[n, k] and adds its
+products with the panel's four vectors into four accumulators: each lane is one output,
+no horizontal sums. Four rows of a are in flight (16 accumulators, in registers).
+
+The sums run in k's order, one fused multiply-add each, so every output is the same
+float32 number whichever tile or thread computes it. Only chosen where numba's target
+CPU has AVX-512 (:func:`available`); elsewhere the 16-lane vectors would be split in
+two and the accumulators spill, and the route keeps BLAS (grumpy.kernels.route).
+Imported lazily, like the other compiled kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from grumpy.kernels.nb import _named
+
+PANEL = 64  # weight rows per panel: four 16-lane vectors
+_ROWS = 4  # rows of a in flight
+TILES = 8  # a product is split into at least this many tiles, so that both cores stay busy
+
+_I32, _F32 = ir.IntType(32), ir.FloatType()
+_VF, _VI = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+_VB = ir.VectorType(ir.IntType(1), 16)
+
+_AVAILABLE: bool | None = None
+
+
+def available() -> bool:
+    """Whether numba compiles for a CPU with AVX-512: the host's features, unless numba is
+    told to target another CPU (NUMBA_CPU_NAME), when only NUMBA_CPU_FEATURES counts."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        from llvmlite import binding
+        from numba.core import config
+
+        name, feats = getattr(config, "CPU_NAME", None), getattr(config, "CPU_FEATURES", None) or ""
+        if name not in (None, "host"):
+            _AVAILABLE = "+avx512f" in feats.split(",")
+        else:
+            _AVAILABLE = bool(binding.get_host_cpu_features().get("avx512f", False))
+    return _AVAILABLE
+
+
+def pack(w: np.ndarray) -> np.ndarray:
+    """w (R, K) float32 -> (R' / 64, K, 64), R' = R rounded up to a multiple of 64 (zero rows)."""
+    R, K = w.shape
+    Rp = -(-R // PANEL) * PANEL
+    wp = np.zeros((Rp, K), np.float32)
+    wp[:R] = w
+    return np.ascontiguousarray(wp.reshape(Rp // PANEL, PANEL, K).transpose(0, 2, 1))
+
+
+def _splat(builder: ir.IRBuilder, v: Any, vec: ir.VectorType) -> Any:
+    """A 16-lane vector of the scalar v."""
+    one = builder.insert_element(ir.Constant(vec, None), v, _I32(0))
+    return builder.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(_VI, [0] * 16))
+
+
+def _tile_typer(typingctx: Any, wp: Any, a: Any, out: Any, p: Any, n0: Any, n1: Any) -> Any:
+    """out[n, 64p : 64p + 64] = sum_k a[n, k] w[64p + j, k] for n in [n0, n1), the panel's
+    columns past out's width left alone. Reads only the outer strides: wp as :func:`pack`
+    gives it, and rows of a (N, K) and out (N, R) contiguous."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        i64 = ir.IntType(64)
+        w = context.make_array(sig.args[0])(context, builder, args[0])
+        a = context.make_array(sig.args[1])(context, builder, args[1])
+        o = context.make_array(sig.args[2])(context, builder, args[2])
+        p, n_start, n_end = args[3], args[4], args[5]
+        K = cgutils.unpack_tuple(builder, w.shape, 3)[1]
+        w_stride = cgutils.unpack_tuple(builder, w.strides, 3)[0]
+        a_stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
+        R = cgutils.unpack_tuple(builder, o.shape, 2)[1]
+        o_stride = cgutils.unpack_tuple(builder, o.strides, 2)[0]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
+        store = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_VF, ir.PointerType(), _I32, _VB]),
+            "llvm.masked.store.v16f32.p0")
+
+        def vec_at(addr: Any) -> Any:  # NumPy's arrays are 16-byte aligned, not 64
+            return builder.load(builder.inttoptr(addr, _VF.as_pointer()), align=4)
+
+        r0 = builder.mul(p, i64(PANEL))
+        w_base = builder.add(builder.ptrtoint(w.data, i64), builder.mul(p, w_stride))
+        a_base, o_base = builder.ptrtoint(a.data, i64), builder.ptrtoint(o.data, i64)
+        lanes = ir.Constant(_VI, list(range(16)))
+        width = _splat(builder, builder.trunc(R, _I32), _VI)
+
+        def rows(n0: Any, m: int) -> None:
+            """Rows n0 .. n0 + m - 1 of a against the panel."""
+            acc = [[cgutils.alloca_once(builder, _VF) for _ in range(4)] for _ in range(m)]
+            for j in range(m):
+                for v in range(4):
+                    builder.store(ir.Constant(_VF, [0.0] * 16), acc[j][v])
+            with cgutils.for_range(builder, K) as loop:
+                k = loop.index
+                wk = builder.add(w_base, builder.mul(k, i64(4 * PANEL)))
+                wv = [vec_at(builder.add(wk, i64(64 * v))) for v in range(4)]
+                for j in range(m):
+                    at = builder.add(builder.add(a_base, builder.mul(builder.add(n0, i64(j)), a_stride)),
+                                     builder.mul(k, i64(4)))
+                    ak = _splat(builder, builder.load(builder.inttoptr(at, _F32.as_pointer()), align=4), _VF)
+                    for v in range(4):
+                        builder.store(builder.call(fma, [ak, wv[v], builder.load(acc[j][v])]), acc[j][v])
+            for j in range(m):
+                row = builder.add(o_base, builder.mul(builder.add(n0, i64(j)), o_stride))
+                for v in range(4):
+                    c0 = builder.add(r0, i64(16 * v))
+                    inside = builder.icmp_signed("<", builder.add(_splat(builder, builder.trunc(c0, _I32), _VI), lanes),
+                                                 width)
+                    out_ptr = builder.inttoptr(builder.add(row, builder.mul(c0, i64(4))), ir.PointerType())
+                    builder.call(store, [builder.load(acc[j][v]), out_ptr, _I32(4), inside])
+
+        full = builder.add(n_start, builder.mul(builder.udiv(builder.sub(n_end, n_start), i64(_ROWS)), i64(_ROWS)))
+        with cgutils.for_range_slice(builder, n_start, full, i64(_ROWS)) as (n0, _):
+            rows(n0, _ROWS)
+        left = builder.sub(n_end, full)
+        for m in range(1, _ROWS):  # the last 1 to 3 rows together: one pass over the panel
+            with builder.if_then(builder.icmp_unsigned("==", left, i64(m))):
+                rows(full, m)
+        return context.get_dummy_value()
+
+    return types.void(wp, a, out, p, n0, n1), codegen
+
+
+_tile: Any = intrinsic(_tile_typer)  # Any: called without the typing context
+
+
+def _products(wp, a, out):
+    """out (N, R) = a (N, K) W^T, W packed by :func:`pack`, in tiles of one panel and a
+    block of rows: at least TILES of them, so that a few panels (small H) still keep
+    every core busy."""
+    P, N = wp.shape[0], a.shape[0]
+    groups = -(-N // _ROWS)  # blocks start at multiples of _ROWS rows
+    blocks = min(max(1, -(-TILES // P)), groups)
+    for t in prange(P * blocks):
+        p, b = t // blocks, t % blocks
+        _tile(wp, a, out, p, min(N, _ROWS * (groups * b // blocks)), min(N, _ROWS * (groups * (b + 1) // blocks)))
+
+
+products_serial = njit(cache=True)(_named(_products, "_serial"))
+products_parallel = njit(cache=True, parallel=True)(_named(_products, "_parallel"))
