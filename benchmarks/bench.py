@@ -106,6 +106,7 @@ def _data(T: int, B: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
+    from grumpy.kernels import linear
     from grumpy.kernels.blas import column_sums, matmul
     from grumpy.layers import GRU
     from grumpy.lm.model import cross_entropy, nll
@@ -137,7 +138,7 @@ def _grumpy_side(mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
     def logits_of(grad: bool = True) -> tuple[np.ndarray, np.ndarray]:
         out, _ = gru.forward(x, h0, grad=grad)
         out2 = out.reshape(T * B, H)
-        logits = matmul(out2, W.T)
+        logits = linear(out2, W)  # as grumpy.lm's head
         logits += b
         return logits, out2
 

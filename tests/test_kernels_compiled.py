@@ -323,3 +323,18 @@ def test_the_tbb_check_agrees_with_the_layer_numba_runs_on():
     assert out.returncode == 0, out.stderr[-2000:]
     ok, layer = out.stdout.split()
     assert ok == str(layer == "tbb")
+
+
+@pytest.mark.parametrize("width", [7, K.route.PANELS_MIN_H])
+def test_linear_is_x_times_w_transposed_on_either_product(width):
+    """grumpy.kernels.linear: x W^T, on the panel kernels at the widths where the steps
+    route takes them (where they are available) and on BLAS elsewhere; into ``out`` too."""
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((300, width)).astype(np.float32)
+    w = rng.standard_normal((65, width)).astype(np.float32)
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    got = K.linear(x, w)
+    assert got.shape == (300, 65) and got.dtype == np.float32 and rel(got, want) < 1e-6
+    out = np.empty((300, 65), np.float32)
+    assert K.linear(x, w, out) is out and rel(out, want) < 1e-6
+    assert rel(K.linear(x[::2], w), want[::2]) < 1e-6  # rows of x not contiguous

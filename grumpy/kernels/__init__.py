@@ -14,6 +14,7 @@ backward takes the route its forward took.
 ``compiled_loops``  the compiled routes
 ``nb``              the numba kernels they call (gates fused, time loops)
 ``blas``            matrix products: MKL (packed weights) when installed, else NumPy
+``panels``          grumpy's own float32 products on weights packed once (AVX-512)
 ``step``            one step for generation, and the ``step`` route
 ==================  ==========================================================
 """
@@ -24,12 +25,13 @@ import numpy as np
 
 from grumpy.kernels import compiled_loops, numpy_loops
 from grumpy.kernels.common import SeqCache, state_views
+from grumpy.kernels.compiled_loops import linear
 from grumpy.kernels.route import ROUTES, Route, choose, use_compiled
 from grumpy.kernels.step import GRUStep, gru_step, steps_forward
 
 __all__ = [
     "ROUTES", "GRUStep", "Route", "SeqCache", "choose", "gru_sequence_backward", "gru_sequence_forward",
-    "gru_step", "state_views", "use_compiled",
+    "gru_step", "linear", "state_views", "use_compiled",
 ]
 
 

@@ -215,6 +215,17 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
     return Route(kind, parallel, panels=kind == "steps" and _panels(B, H))
 
 
+def linear_panels(N: int, K: int, R: int) -> bool:
+    """Whether a linear layer's product x W^T, x (N, K), W (R, K), float32, runs on
+    grumpy.kernels.panels (:func:`grumpy.kernels.linear`): at the widths where the ``steps``
+    route's products do (K >= PANELS_MIN_H), so that a pipeline of such layers keeps one
+    pool of threads awake, and only where NumPy's OpenBLAS would use its threads
+    (2^18 multiply-adds on): after each of its calls they spin for about 0.1 s, and the
+    panels' second thread then waited for the core (inference at H=1024, B=32, the
+    head's product between passes: 29k against 46-52k tokens/s)."""
+    return N > 1 and K >= PANELS_MIN_H and N * K * R >= blas.MKL_MIN_MACS and panels_ok()
+
+
 def _panels(B: int, H: int) -> bool:
     """Whether the ``steps`` route's products are grumpy's on weights packed once per call
     (a batch at large H, where OpenBLAS repacks W_hh at every step's call)."""

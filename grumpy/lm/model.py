@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from grumpy._util import check_dtype, dropout_mask
-from grumpy.kernels import GRUStep, gru_step
+from grumpy.kernels import GRUStep, gru_step, linear
 from grumpy.kernels.blas import column_sums, matmul
 from grumpy.kernels.route import LOSS_ROWS, compiled_kernels
 from grumpy.layers import GRU, param_shapes
@@ -237,7 +237,7 @@ class CharModel:
         if self.gru.training and self.config.dropout > 0:
             drop = dropout_mask(self.gru.rng, (T, B, H), self.config.dropout, self.dtype)
             out = out * drop
-        logits = matmul(out.reshape(T * B, H), self._own["head.weight"].T).reshape(T, B, V)
+        logits = linear(out.reshape(T * B, H), self._own["head.weight"]).reshape(T, B, V)
         logits += self._own["head.bias"]
         self._cache = (idx, out, drop) if grad else None
         return logits, h_n
