@@ -55,6 +55,7 @@ def _torch_model(H: int) -> tuple[Any, Any]:
 
 def _build_grumpy(precision: str, mode: str, H: int, B: int, T: int) -> Callable[[], Any]:
     import grumpy
+    from grumpy.kernels import linear
     from grumpy.kernels.blas import matmul
     from grumpy.lm.model import nll
 
@@ -90,7 +91,7 @@ def _build_grumpy(precision: str, mode: str, H: int, B: int, T: int) -> Callable
 
     def infer() -> float:
         out, _ = model.forward(x, grad=False)
-        logits = matmul(out.reshape(T * B, H), W.T)
+        logits = linear(out.reshape(T * B, H), W)  # as grumpy.lm's head
         logits += b
         return nll(logits, y)
 

@@ -26,7 +26,8 @@ character model's embedding and output layer stay float32 too (small next to the
 GRU's weights). A float64 stack gives a float32 copy.
 
 Paths: int8 on a CPU with AVX-512 VNNI runs its products on that instruction, one
-stream and batches alike (:mod:`grumpy.kernels.vnni`). Otherwise one stream runs
+stream and batches alike (:mod:`grumpy.kernels.vnni`); bfloat16 batches on a CPU with
+AVX512-BF16 on ``vdpbf16ps`` (:mod:`grumpy.kernels.panels`). Otherwise one stream runs
 compiled (numba) kernels that read the int8 or bfloat16 weights directly, which is what
 makes generation faster (the step is bound by reading the weights); batches use MKL's
 bfloat16 matrix product (AVX512-BF16 or AMX where the CPU has them) when MKL is loaded,
@@ -119,6 +120,17 @@ def _vnni(precision: str) -> Any:
     return k if k is not None and k.available() else None
 
 
+def _bf16_panels(precision: str) -> Any:
+    """grumpy.kernels.panels where ``precision`` is bfloat16 and its products can run on
+    AVX512-BF16 (numba, a CPU with it, backend "auto"), else None."""
+    if precision != "bfloat16" or _BACKEND != "auto" or _numba() is None:
+        return None
+    from grumpy.kernels.route import compiled_kernels
+
+    k = compiled_kernels("panels")
+    return k if k is not None and k.bf16_available() else None
+
+
 _MKL: Any = None  # an _Mkl once looked up; False when MKL or its bfloat16 products are missing
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 
@@ -153,6 +165,7 @@ class QMatrix:
         self._bits: np.ndarray | None = None  # bfloat16 bits of data (MKL)
         self._pack: tuple[int, np.ndarray] | None = None  # (rows, MKL's packed weights)
         self._vnni: tuple[np.ndarray, np.ndarray] | None = None  # (int8 weights, sums' starts) packed for VNNI
+        self._panels: np.ndarray | None = None  # bfloat16 weights packed for AVX512-BF16
 
     @property
     def nbytes(self) -> int:
@@ -164,7 +177,7 @@ class QMatrix:
         out.precision, out.shape = self.precision, (r1 - r0, self.shape[1])
         out.data, out.scale = self.data[r0:r1], self.scale[r0:r1]
         out._dense = out._bits = None
-        out._pack = out._vnni = None
+        out._pack = out._vnni = out._panels = None
         return out
 
     def dense(self) -> np.ndarray:
@@ -179,6 +192,13 @@ class QMatrix:
         if self._vnni is None:
             self._vnni = k.pack(self.data)
         return self._vnni
+
+    def panels_packed(self, k: Any) -> np.ndarray:
+        """The bfloat16 weights packed for the AVX512-BF16 kernel (:func:`grumpy.kernels.panels.pack_bf16`),
+        kept: a copy the size of the weights."""
+        if self._panels is None:
+            self._panels = k.pack_bf16(self.data)
+        return self._panels
 
     def quantize_activations(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """a (N, K) float32 -> (its quantized values as float32 (N, K), per-row scales (N,) or None)."""
@@ -208,9 +228,16 @@ class QMatrix:
         R = self.shape[0]
         out = np.empty((N, R), _F32)
         k = _vnni(self.precision)
+        pk = _bf16_panels(self.precision) if N > 1 else None
         mkl = _mkl() if N > 1 else None
         nb = _numba()
-        if k is not None:
+        if pk is not None:
+            # batches in bfloat16 on vdpbf16ps: twice float32's multiply-adds an instruction
+            a16 = pk.bf16_rows(N, K)
+            pk.to_bf16_rows(aq, a16)
+            big = N * R * K >= QUANT_PARALLEL_MIN and parallel_gates_ok()
+            (pk.products_bf16_parallel if big else pk.products_bf16_serial)(self.panels_packed(pk), a16, out)
+        elif k is not None:
             u = k.activations(N, K)
             k.offset_rows(aq, u)
             # batches on the calling thread unless numba's threads sleep when idle (TBB): the
@@ -415,9 +442,10 @@ class _Cell:
         one = B == 1 and self.reset_after and nb is not None
         # (int8 rows longer than 1024 need the blocked sums of the Python loop's products)
         exact = self.w_hh.precision == "bfloat16" or H <= _BLOCK
-        # (int8 on VNNI: the products above, faster than MKL's bfloat16 loop)
-        on_vnni = _vnni(self.w_hh.precision) is not None
-        compiled = B > 1 and self.reset_after and nb is not None and exact and not on_vnni and _BACKEND == "auto"
+        # (int8 on VNNI and bfloat16 on AVX512-BF16: the products above, on weights packed
+        # once; faster than MKL's bfloat16 loop, and than NumPy's sgemm repacking them each step)
+        own = _vnni(self.w_hh.precision) is not None or _bf16_panels(self.w_hh.precision) is not None
+        compiled = B > 1 and self.reset_after and nb is not None and exact and not own and _BACKEND == "auto"
         loop = self._compiled_loop(nb, _mkl(), B, mask, T) if compiled else None
         chunk = max(1, min(T, INFER_CHUNK_BYTES // (B * 3 * H * 4)))
         for c0 in range(0, T, chunk):
@@ -613,10 +641,10 @@ class QuantizedCharModel(StreamState):
         return x
 
     def _logits(self, out: np.ndarray) -> np.ndarray:
-        from grumpy.kernels.blas import matmul
+        from grumpy.kernels import linear
 
         flat = out.reshape(-1, out.shape[-1])
-        return (matmul(flat, self.head_weight.T) + self.head_bias).reshape(out.shape[:-1] + (-1,))
+        return (linear(flat, self.head_weight) + self.head_bias).reshape(out.shape[:-1] + (-1,))
 
     def forward(self, idx: np.ndarray, h0: np.ndarray | None = None, *, lengths: Any = None,
                 grad: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -367,7 +367,7 @@ def test_vnni_follows_the_cpu_numba_targets(monkeypatch):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_batches_without_vnni_or_mkl_run_the_compiled_sgemm_loop(backend, monkeypatch, precision):
-    """Without VNNI (int8) and without MKL, a batch's recurrent steps run in one compiled
+    """Without VNNI (int8), AVX512-BF16 (bfloat16) and MKL, a batch's recurrent steps run in one compiled
     loop over NumPy's own sgemm on the quantized values: int8 the portable path's bits,
     bfloat16 to rounding."""
     from grumpy.kernels import blas
@@ -375,6 +375,7 @@ def test_batches_without_vnni_or_mkl_run_the_compiled_sgemm_loop(backend, monkey
     if Q._numba() is None or blas.SGEMM is None or Q._mkl() is not None:
         pytest.skip("needs numba and NumPy's sgemm, and no MKL")
     monkeypatch.setattr(Q, "_vnni", lambda precision: None)
+    monkeypatch.setattr(Q, "_bf16_panels", lambda precision: None)
     g = make(2, H=40, I=12)
     q = grumpy.quantize(g, precision)
     x = np.random.default_rng(8).standard_normal((20, 5, 12)).astype(np.float32)
@@ -418,3 +419,52 @@ def test_the_compiled_batch_loop_runs_from_another_process_cache(tmp_path):
         assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
         outs.append(r.stdout)
     assert outs[1] == outs[2]
+
+
+# -- the bfloat16 products on AVX512-BF16 ---------------------------------------------
+
+
+def _bf16_panels():
+    k = pytest.importorskip("grumpy.kernels.panels")  # needs numba
+    if not k.bf16_available():
+        pytest.skip("this CPU has no AVX512-BF16")
+    return k
+
+
+@pytest.mark.parametrize("R,K,N", [(70, 51, 1), (64, 2, 4), (300, 65, 7), (768, 256, 33), (3072, 1024, 5)])
+def test_bf16_panel_products_are_float32_sums_of_exact_products(R, K, N):
+    """vdpbf16ps multiplies bfloat16 pairs exactly and sums in float32: against float64 sums
+    of the same rounded values, to float32 rounding; serial and parallel bit for bit.
+    Padded rows (R not a multiple of 64), an odd K (a pair half padding), N not a multiple of 4."""
+    k = _bf16_panels()
+    rng = np.random.default_rng(R + K + N)
+    w = Q.bf16_bits(rng.standard_normal((R, K)).astype(np.float32))
+    aq = Q.bf16_values(Q.bf16_bits(rng.standard_normal((N, K)).astype(np.float32)))
+    a16 = k.bf16_rows(N, K)
+    a16[:, K:] = 0x3F80  # padding (1.0) meets zero weights
+    k.to_bf16_rows(aq, a16)
+    want = aq.astype(np.float64) @ Q.bf16_values(w).astype(np.float64).T
+    got = []
+    for kernel in (k.products_bf16_serial, k.products_bf16_parallel):
+        out = np.full((N, R), np.nan, np.float32)
+        kernel(k.pack_bf16(w), a16, out)
+        assert np.abs(out - want).max() <= 1e-6 * np.abs(want).max() * np.sqrt(K)
+        got.append(out)
+    np.testing.assert_array_equal(got[0], got[1])
+
+
+def test_bf16_panels_are_the_batch_path_and_equal_the_portable_kernels(backend):
+    """On a CPU with AVX512-BF16 a bfloat16 batch runs its products on the panels (input
+    and recurrent, the weights packed once), equal to the portable path to rounding."""
+    _bf16_panels()
+    backend("auto")
+    assert Q._bf16_panels("bfloat16") is not None and Q._bf16_panels("int8") is None
+    g = make(2, H=70, I=12)
+    q = grumpy.quantize(g, "bfloat16")
+    x = np.random.default_rng(9).standard_normal((15, 6, 12)).astype(np.float32)
+    got = q.forward(x)
+    assert q.cells[0].w_hh._panels is not None and q.cells[0].w_ih._panels is not None
+    backend("numba")
+    want = q.forward(x)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

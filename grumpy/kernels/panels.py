@@ -16,6 +16,12 @@ The sums run in k's order, one fused multiply-add each, so every output is the s
 float32 number whichever tile or thread computes it. Only chosen where numba's target
 CPU has AVX-512 (:func:`available`); elsewhere the 16-lane vectors would be split in
 two and the accumulators spill, and the route keeps BLAS (grumpy.kernels.route).
+
+The same kernel for bfloat16 (grumpy.quantized's batches): ``vdpbf16ps`` of AVX512-BF16
+multiplies 32 pairs of bfloat16 numbers exactly and adds them, two to each float32 lane,
+so the panels hold pairs of columns, (R / 64, K / 2, 64, 2), and a row's pair of
+activations is broadcast as one 32-bit number. Twice the multiply-adds of float32 per
+instruction (:func:`bf16_available`, :func:`pack_bf16`, ``products_bf16_*``).
 Imported lazily, like the other compiled kernels.
 """
 
@@ -35,27 +41,52 @@ PANEL = 64  # weight rows per panel: four 16-lane vectors
 _ROWS = 4  # rows of a in flight
 TILES = 8  # a product is split into at least this many tiles, so that both cores stay busy
 
+class _BFloat(ir.types.Type):
+    """LLVM's bfloat, which llvmlite's IR builder does not name: the intrinsic's operand type."""
+
+    def _to_string(self) -> str:
+        return "bfloat"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _BFloat)
+
+    def __hash__(self) -> int:
+        return hash("bfloat")
+
+
 _I32, _F32 = ir.IntType(32), ir.FloatType()
 _VF, _VI = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+_VBF = ir.VectorType(_BFloat(), 32)
 _VB = ir.VectorType(ir.IntType(1), 16)
 
-_AVAILABLE: bool | None = None
+_FEATURES: dict[str, bool] = {}
 
 
-def available() -> bool:
-    """Whether numba compiles for a CPU with AVX-512: the host's features, unless numba is
-    told to target another CPU (NUMBA_CPU_NAME), when only NUMBA_CPU_FEATURES counts."""
-    global _AVAILABLE
-    if _AVAILABLE is None:
+def _has(feature: str) -> bool:
+    """Whether numba compiles for a CPU with this feature: the host's, unless numba is told
+    to target another CPU (NUMBA_CPU_NAME), when only NUMBA_CPU_FEATURES counts."""
+    if feature not in _FEATURES:
         from llvmlite import binding
         from numba.core import config
 
         name, feats = getattr(config, "CPU_NAME", None), getattr(config, "CPU_FEATURES", None) or ""
         if name not in (None, "host"):
-            _AVAILABLE = "+avx512f" in feats.split(",")
+            _FEATURES[feature] = "+" + feature in feats.split(",")
         else:
-            _AVAILABLE = bool(binding.get_host_cpu_features().get("avx512f", False))
-    return _AVAILABLE
+            _FEATURES[feature] = bool(binding.get_host_cpu_features().get(feature, False))
+    return _FEATURES[feature]
+
+
+def available() -> bool:
+    """Whether the float32 kernels run at their speed here: AVX-512."""
+    return _has("avx512f")
+
+
+def bf16_available() -> bool:
+    """Whether the bfloat16 kernels run here at their speed: AVX512-BF16 without AMX. On an
+    Intel Xeon with AMX (Emerald Rapids, 2026-11-26) the instruction ran at a quarter of
+    Zen 5's rate, slower than float32's product on the rounded values (docs/precision.md)."""
+    return _has("avx512f") and _has("avx512bf16") and not _has("amx-bf16")
 
 
 def pack(w: np.ndarray) -> np.ndarray:
@@ -67,80 +98,120 @@ def pack(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(wp.reshape(Rp // PANEL, PANEL, K).transpose(0, 2, 1))
 
 
+def pack_bf16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (R, K) uint16 -> (R' / 64, K' / 2, 64, 2), R' and K' rounded up
+    to multiples of 64 and 2 (zeros): each lane of a panel's vector holds two columns."""
+    R, K = bits.shape
+    Rp, Kp = -(-R // PANEL) * PANEL, -(-K // 2) * 2
+    wp = np.zeros((Rp, Kp), np.uint16)
+    wp[:R, :K] = bits
+    return np.ascontiguousarray(wp.reshape(Rp // PANEL, PANEL, Kp // 2, 2).transpose(0, 2, 1, 3))
+
+
+def bf16_rows(N: int, K: int) -> np.ndarray:
+    """Scratch for N rows of K bfloat16 activations as the kernel reads them (uint16, K
+    padded to an even count; the padding meets zero weights)."""
+    return np.zeros((N, -(-K // 2) * 2), np.uint16)
+
+
 def _splat(builder: ir.IRBuilder, v: Any, vec: ir.VectorType) -> Any:
     """A 16-lane vector of the scalar v."""
     one = builder.insert_element(ir.Constant(vec, None), v, _I32(0))
     return builder.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(_VI, [0] * 16))
 
 
-def _tile_typer(typingctx: Any, wp: Any, a: Any, out: Any, p: Any, n0: Any, n1: Any) -> Any:
-    """out[n, 64p : 64p + 64] = sum_k a[n, k] w[64p + j, k] for n in [n0, n1), the panel's
-    columns past out's width left alone. Reads only the outer strides: wp as :func:`pack`
-    gives it, and rows of a (N, K) and out (N, R) contiguous."""
+def _tile_typer(bf16: bool) -> Any:
+    """The typer of one tile's kernel, float32 or bfloat16: out[n, 64p : 64p + 64] =
+    sum_k a[n, k] w[64p + j, k] for n in [n0, n1), the panel's columns past out's width
+    left alone. Reads only the outer strides: wp as :func:`pack` (:func:`pack_bf16`)
+    gives it, and rows of a (N, K) float32 (N, K') uint16) and out (N, R) contiguous.
+    Both step through a column (a pair of them) at a time: 4 bytes of a row of a, and
+    256 of the panel."""
+    op_type = ir.FunctionType(_VF, [_VF, _VBF, _VBF] if bf16 else [_VF, _VF, _VF])
+    op_name = "llvm.x86.avx512bf16.dpbf16ps.512" if bf16 else "llvm.fma.v16f32"
 
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        i64 = ir.IntType(64)
-        w = context.make_array(sig.args[0])(context, builder, args[0])
-        a = context.make_array(sig.args[1])(context, builder, args[1])
-        o = context.make_array(sig.args[2])(context, builder, args[2])
-        p, n_start, n_end = args[3], args[4], args[5]
-        K = cgutils.unpack_tuple(builder, w.shape, 3)[1]
-        w_stride = cgutils.unpack_tuple(builder, w.strides, 3)[0]
-        a_stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
-        R = cgutils.unpack_tuple(builder, o.shape, 2)[1]
-        o_stride = cgutils.unpack_tuple(builder, o.strides, 2)[0]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
-        store = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_VF, ir.PointerType(), _I32, _VB]),
-            "llvm.masked.store.v16f32.p0")
+    def typer(typingctx: Any, wp: Any, a: Any, out: Any, p: Any, n0: Any, n1: Any) -> Any:
+        return types.void(wp, a, out, p, n0, n1), lambda *args: _codegen(bf16, op_type, op_name, *args)
 
-        def vec_at(addr: Any) -> Any:  # NumPy's arrays are 16-byte aligned, not 64
-            return builder.load(builder.inttoptr(addr, _VF.as_pointer()), align=4)
+    typer.__name__ = typer.__qualname__ = "_tile_bf16" if bf16 else "_tile"  # numba names intrinsics by these
+    return typer
 
-        r0 = builder.mul(p, i64(PANEL))
-        w_base = builder.add(builder.ptrtoint(w.data, i64), builder.mul(p, w_stride))
-        a_base, o_base = builder.ptrtoint(a.data, i64), builder.ptrtoint(o.data, i64)
-        lanes = ir.Constant(_VI, list(range(16)))
-        width = _splat(builder, builder.trunc(R, _I32), _VI)
 
-        def rows(n0: Any, m: int) -> None:
-            """Rows n0 .. n0 + m - 1 of a against the panel."""
-            acc = [[cgutils.alloca_once(builder, _VF) for _ in range(4)] for _ in range(m)]
+def _codegen(bf16: bool, op_type: ir.FunctionType, op_name: str, context: Any, builder: ir.IRBuilder, sig: Any,
+             args: Any) -> Any:
+    """The tile's code (see :func:`_tile_typer`)."""
+    i64 = ir.IntType(64)
+    w = context.make_array(sig.args[0])(context, builder, args[0])
+    a = context.make_array(sig.args[1])(context, builder, args[1])
+    o = context.make_array(sig.args[2])(context, builder, args[2])
+    p, n_start, n_end = args[3], args[4], args[5]
+    K = cgutils.unpack_tuple(builder, w.shape, sig.args[0].ndim)[1]  # columns (pairs of them)
+    w_stride = cgutils.unpack_tuple(builder, w.strides, sig.args[0].ndim)[0]
+    a_stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
+    R = cgutils.unpack_tuple(builder, o.shape, 2)[1]
+    o_stride = cgutils.unpack_tuple(builder, o.strides, 2)[0]
+    op = cgutils.get_or_insert_function(builder.module, op_type, op_name)
+    store = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_VF, ir.PointerType(), _I32, _VB]),
+        "llvm.masked.store.v16f32.p0")
+
+    def vec_at(addr: Any) -> Any:  # NumPy's arrays are 16-byte aligned, not 64
+        if bf16:
+            return builder.bitcast(builder.load(builder.inttoptr(addr, _VI.as_pointer()), align=4), _VBF)
+        return builder.load(builder.inttoptr(addr, _VF.as_pointer()), align=4)
+
+    def broadcast(addr: Any) -> Any:  # one float32, or one pair of bfloat16 as 32 bits
+        if bf16:
+            pair = builder.load(builder.inttoptr(addr, _I32.as_pointer()), align=2)
+            return builder.bitcast(_splat(builder, pair, _VI), _VBF)
+        return _splat(builder, builder.load(builder.inttoptr(addr, _F32.as_pointer()), align=4), _VF)
+
+    def step(acc: Any, ak: Any, wv: Any) -> Any:
+        return builder.call(op, [acc, ak, wv] if bf16 else [ak, wv, acc])
+
+    r0 = builder.mul(p, i64(PANEL))
+    w_base = builder.add(builder.ptrtoint(w.data, i64), builder.mul(p, w_stride))
+    a_base, o_base = builder.ptrtoint(a.data, i64), builder.ptrtoint(o.data, i64)
+    lanes = ir.Constant(_VI, list(range(16)))
+    width = _splat(builder, builder.trunc(R, _I32), _VI)
+
+    def rows(n0: Any, m: int) -> None:
+        """Rows n0 .. n0 + m - 1 of a against the panel."""
+        acc = [[cgutils.alloca_once(builder, _VF) for _ in range(4)] for _ in range(m)]
+        for j in range(m):
+            for v in range(4):
+                builder.store(ir.Constant(_VF, [0.0] * 16), acc[j][v])
+        with cgutils.for_range(builder, K) as loop:
+            k = loop.index
+            wk = builder.add(w_base, builder.mul(k, i64(4 * PANEL)))
+            wv = [vec_at(builder.add(wk, i64(64 * v))) for v in range(4)]
             for j in range(m):
+                at = builder.add(builder.add(a_base, builder.mul(builder.add(n0, i64(j)), a_stride)),
+                                 builder.mul(k, i64(4)))
+                ak = broadcast(at)
                 for v in range(4):
-                    builder.store(ir.Constant(_VF, [0.0] * 16), acc[j][v])
-            with cgutils.for_range(builder, K) as loop:
-                k = loop.index
-                wk = builder.add(w_base, builder.mul(k, i64(4 * PANEL)))
-                wv = [vec_at(builder.add(wk, i64(64 * v))) for v in range(4)]
-                for j in range(m):
-                    at = builder.add(builder.add(a_base, builder.mul(builder.add(n0, i64(j)), a_stride)),
-                                     builder.mul(k, i64(4)))
-                    ak = _splat(builder, builder.load(builder.inttoptr(at, _F32.as_pointer()), align=4), _VF)
-                    for v in range(4):
-                        builder.store(builder.call(fma, [ak, wv[v], builder.load(acc[j][v])]), acc[j][v])
-            for j in range(m):
-                row = builder.add(o_base, builder.mul(builder.add(n0, i64(j)), o_stride))
-                for v in range(4):
-                    c0 = builder.add(r0, i64(16 * v))
-                    inside = builder.icmp_signed("<", builder.add(_splat(builder, builder.trunc(c0, _I32), _VI), lanes),
-                                                 width)
-                    out_ptr = builder.inttoptr(builder.add(row, builder.mul(c0, i64(4))), ir.PointerType())
-                    builder.call(store, [builder.load(acc[j][v]), out_ptr, _I32(4), inside])
+                    builder.store(step(builder.load(acc[j][v]), ak, wv[v]), acc[j][v])
+        for j in range(m):
+            row = builder.add(o_base, builder.mul(builder.add(n0, i64(j)), o_stride))
+            for v in range(4):
+                c0 = builder.add(r0, i64(16 * v))
+                inside = builder.icmp_signed("<", builder.add(_splat(builder, builder.trunc(c0, _I32), _VI), lanes),
+                                             width)
+                out_ptr = builder.inttoptr(builder.add(row, builder.mul(c0, i64(4))), ir.PointerType())
+                builder.call(store, [builder.load(acc[j][v]), out_ptr, _I32(4), inside])
 
-        full = builder.add(n_start, builder.mul(builder.udiv(builder.sub(n_end, n_start), i64(_ROWS)), i64(_ROWS)))
-        with cgutils.for_range_slice(builder, n_start, full, i64(_ROWS)) as (n0, _):
-            rows(n0, _ROWS)
-        left = builder.sub(n_end, full)
-        for m in range(1, _ROWS):  # the last 1 to 3 rows together: one pass over the panel
-            with builder.if_then(builder.icmp_unsigned("==", left, i64(m))):
-                rows(full, m)
-        return context.get_dummy_value()
-
-    return types.void(wp, a, out, p, n0, n1), codegen
+    full = builder.add(n_start, builder.mul(builder.udiv(builder.sub(n_end, n_start), i64(_ROWS)), i64(_ROWS)))
+    with cgutils.for_range_slice(builder, n_start, full, i64(_ROWS)) as (n0, _):
+        rows(n0, _ROWS)
+    left = builder.sub(n_end, full)
+    for m in range(1, _ROWS):  # the last 1 to 3 rows together: one pass over the panel
+        with builder.if_then(builder.icmp_unsigned("==", left, i64(m))):
+            rows(full, m)
+    return context.get_dummy_value()
 
 
-_tile: Any = intrinsic(_tile_typer)  # Any: called without the typing context
+_tile: Any = intrinsic(_tile_typer(False))  # Any: called without the typing context
+_tile_bf16: Any = intrinsic(_tile_typer(True))
 
 
 def _products(wp, a, out):
@@ -155,5 +226,28 @@ def _products(wp, a, out):
         _tile(wp, a, out, p, min(N, _ROWS * (groups * b // blocks)), min(N, _ROWS * (groups * (b + 1) // blocks)))
 
 
+def _products_bf16(wp, a, out):
+    """:func:`_products` for bfloat16: wp from :func:`pack_bf16`, a (N, K') bit patterns."""
+    P, N = wp.shape[0], a.shape[0]
+    groups = -(-N // _ROWS)
+    blocks = min(max(1, -(-TILES // P)), groups)
+    for t in prange(P * blocks):
+        p, b = t // blocks, t % blocks
+        _tile_bf16(wp, a, out, p, min(N, _ROWS * (groups * b // blocks)), min(N, _ROWS * (groups * (b + 1) // blocks)))
+
+
+@njit(cache=True)
+def to_bf16_rows(a, out):
+    """out[n, :K] = the bit patterns of a (N, K) float32 that already holds bfloat16 values
+    (their upper halves), out from :func:`bf16_rows`."""
+    N, K = a.shape
+    for n in range(N):
+        an, on = a[n].view(np.uint32), out[n]
+        for k in range(K):
+            on[k] = np.uint16(an[k] >> np.uint32(16))
+
+
 products_serial = njit(cache=True)(_named(_products, "_serial"))
 products_parallel = njit(cache=True, parallel=True)(_named(_products, "_parallel"))
+products_bf16_serial = njit(cache=True)(_named(_products_bf16, "_serial"))
+products_bf16_parallel = njit(cache=True, parallel=True)(_named(_products_bf16, "_parallel"))
