@@ -9,7 +9,7 @@ the two unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -61,15 +61,12 @@ class StackCache(NamedTuple):
     dropout_masks: list[np.ndarray | None]  # [layer] mask applied to that layer's input
 
 
-_NAMES: dict[tuple[int, int], tuple[str, str, str, str]] = {}  # (layer, direction) -> parameter names
-
-
+@cache
 def _names(layer: int, d: int) -> tuple[str, str, str, str]:
     """The names of (weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction
-    (kept: formatting them at every call cost a generation step 0.3 us)."""
+    (cached: formatting them at every call cost a generation step about 0.2 us)."""
     sfx = f"_l{layer}{_SUFFIXES[d]}"
-    names = _NAMES[layer, d] = ("weight_ih" + sfx, "weight_hh" + sfx, "bias_ih" + sfx, "bias_hh" + sfx)
-    return names
+    return "weight_ih" + sfx, "weight_hh" + sfx, "bias_ih" + sfx, "bias_hh" + sfx
 
 
 def stack_forward(
@@ -105,7 +102,7 @@ def stack_forward(
             inp = inp * masks[layer]
         outs, layer_caches = [], []
         for d in range(D):
-            w_ih, w_hh, b_ih, b_hh = _NAMES[layer, d] if (layer, d) in _NAMES else _names(layer, d)
+            w_ih, w_hh, b_ih, b_hh = _names(layer, d)
             out, h_last, c = forward_kernel(
                 inp, h0[layer * D + d], params[w_ih], params[w_hh], params.get(b_ih), params.get(b_hh),
                 reverse=d == 1, mask=mask, keep_cache=keep_cache,
