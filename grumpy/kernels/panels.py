@@ -120,67 +120,88 @@ def _splat(builder: ir.IRBuilder, v: Any, vec: ir.VectorType) -> Any:
     return builder.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(_VI, [0] * 16))
 
 
-def _tile_typer(bf16: bool) -> Any:
-    """The typer of one tile's kernel, float32 or bfloat16: out[n, 64p : 64p + 64] =
-    sum_k a[n, k] w[64p + j, k] for n in [n0, n1), the panel's columns past out's width
-    left alone. Reads only the outer strides: wp as :func:`pack` (:func:`pack_bf16`)
-    gives it, and rows of a (N, K) float32 (N, K') uint16) and out (N, R) contiguous.
-    Both step through a column (a pair of them) at a time: 4 bytes of a row of a, and
-    256 of the panel."""
-    op_type = ir.FunctionType(_VF, [_VF, _VBF, _VBF] if bf16 else [_VF, _VF, _VF])
-    op_name = "llvm.x86.avx512bf16.dpbf16ps.512" if bf16 else "llvm.fma.v16f32"
+# Per kind: the instruction, its accumulator, and the alignment its operands may assume.
+# int8 is grumpy.kernels.vnni's: unsigned activation bytes by signed weight bytes, into
+# int32 sums that start from the rows' offsets (vnni.pack) and become float32 at the store.
+_KINDS = {
+    "float32": ("llvm.fma.v16f32", _VF, 4),
+    "bfloat16": ("llvm.x86.avx512bf16.dpbf16ps.512", _VF, 2),
+    "int8": ("llvm.x86.avx512.vpdpbusd.512", _VI, 1),
+}
 
-    def typer(typingctx: Any, wp: Any, a: Any, out: Any, p: Any, n0: Any, n1: Any) -> Any:
-        return types.void(wp, a, out, p, n0, n1), lambda *args: _codegen(bf16, op_type, op_name, *args)
 
-    typer.__name__ = typer.__qualname__ = "_tile_bf16" if bf16 else "_tile"  # numba names intrinsics by these
+def _tile_typer(kind: str) -> Any:
+    """The typer of one tile's kernel: out[n, 64p : 64p + 64] = sum_k a[n, k] w[64p + j, k]
+    for n in [n0, n1), the panel's columns past out's width left alone. Reads only the outer
+    strides: wp as :func:`pack` (:func:`pack_bf16`, ``vnni.pack``) gives it, and rows of a
+    (float32 (N, K), bfloat16 bits (N, K'), offset bytes (N, K')) and of out (N, R)
+    contiguous. Every kind steps through 4 bytes of a row of a and 256 of the panel at a
+    time (a column, a pair of columns, four columns). int8 takes the sums' starts too."""
+
+    if kind == "int8":
+        def typer(typingctx: Any, wp: Any, start: Any, a: Any, out: Any, p: Any, n0: Any, n1: Any) -> Any:
+            return types.void(wp, start, a, out, p, n0, n1), lambda *args: _codegen(kind, *args)
+    else:
+        def typer(typingctx: Any, wp: Any, a: Any, out: Any, p: Any, n0: Any, n1: Any) -> Any:  # type: ignore[misc]
+            return types.void(wp, a, out, p, n0, n1), lambda *args: _codegen(kind, *args)
+
+    typer.__name__ = typer.__qualname__ = f"_tile_{kind}"  # numba names intrinsics by these
     return typer
 
 
-def _codegen(bf16: bool, op_type: ir.FunctionType, op_name: str, context: Any, builder: ir.IRBuilder, sig: Any,
-             args: Any) -> Any:
+def _codegen(kind: str, context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
     """The tile's code (see :func:`_tile_typer`)."""
+    name, acc_t, align = _KINDS[kind]
     i64 = ir.IntType(64)
+    first = 2 if kind == "int8" else 1  # where a's argument is
     w = context.make_array(sig.args[0])(context, builder, args[0])
-    a = context.make_array(sig.args[1])(context, builder, args[1])
-    o = context.make_array(sig.args[2])(context, builder, args[2])
-    p, n_start, n_end = args[3], args[4], args[5]
-    K = cgutils.unpack_tuple(builder, w.shape, sig.args[0].ndim)[1]  # columns (pairs of them)
+    a = context.make_array(sig.args[first])(context, builder, args[first])
+    o = context.make_array(sig.args[first + 1])(context, builder, args[first + 1])
+    p, n_start, n_end = args[first + 2], args[first + 3], args[first + 4]
+    K = cgutils.unpack_tuple(builder, w.shape, sig.args[0].ndim)[1]  # steps of 4 bytes of a row of a
     w_stride = cgutils.unpack_tuple(builder, w.strides, sig.args[0].ndim)[0]
     a_stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
     R = cgutils.unpack_tuple(builder, o.shape, 2)[1]
     o_stride = cgutils.unpack_tuple(builder, o.strides, 2)[0]
-    op = cgutils.get_or_insert_function(builder.module, op_type, op_name)
+    operand = {"float32": _VF, "bfloat16": _VBF, "int8": _VI}[kind]
+    op = cgutils.get_or_insert_function(builder.module, ir.FunctionType(acc_t, [acc_t, operand, operand]), name)
     store = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [_VF, ir.PointerType(), _I32, _VB]),
         "llvm.masked.store.v16f32.p0")
 
-    def vec_at(addr: Any) -> Any:  # NumPy's arrays are 16-byte aligned, not 64
-        if bf16:
-            return builder.bitcast(builder.load(builder.inttoptr(addr, _VI.as_pointer()), align=4), _VBF)
-        return builder.load(builder.inttoptr(addr, _VF.as_pointer()), align=4)
+    def load(addr: Any, t: Any) -> Any:  # NumPy's arrays are 16-byte aligned, not 64
+        return builder.load(builder.inttoptr(addr, t.as_pointer()), align=align)
 
-    def broadcast(addr: Any) -> Any:  # one float32, or one pair of bfloat16 as 32 bits
-        if bf16:
-            pair = builder.load(builder.inttoptr(addr, _I32.as_pointer()), align=2)
-            return builder.bitcast(_splat(builder, pair, _VI), _VBF)
-        return _splat(builder, builder.load(builder.inttoptr(addr, _F32.as_pointer()), align=4), _VF)
+    def vec_at(addr: Any) -> Any:
+        v = load(addr, _VF if kind == "float32" else _VI)
+        return builder.bitcast(v, _VBF) if kind == "bfloat16" else v
+
+    def broadcast(addr: Any) -> Any:  # one float32, a pair of bfloat16 or four bytes, as 32 bits
+        if kind == "float32":
+            return _splat(builder, load(addr, _F32), _VF)
+        v = _splat(builder, load(addr, _I32), _VI)
+        return builder.bitcast(v, _VBF) if kind == "bfloat16" else v
 
     def step(acc: Any, ak: Any, wv: Any) -> Any:
-        return builder.call(op, [acc, ak, wv] if bf16 else [ak, wv, acc])
+        return builder.call(op, [ak, wv, acc] if kind == "float32" else [acc, ak, wv])
 
     r0 = builder.mul(p, i64(PANEL))
     w_base = builder.add(builder.ptrtoint(w.data, i64), builder.mul(p, w_stride))
     a_base, o_base = builder.ptrtoint(a.data, i64), builder.ptrtoint(o.data, i64)
+    if kind == "int8":
+        s = context.make_array(sig.args[1])(context, builder, args[1])
+        s_base = builder.add(builder.ptrtoint(s.data, i64), builder.mul(r0, i64(4)))
     lanes = ir.Constant(_VI, list(range(16)))
     width = _splat(builder, builder.trunc(R, _I32), _VI)
 
     def rows(n0: Any, m: int) -> None:
         """Rows n0 .. n0 + m - 1 of a against the panel."""
-        acc = [[cgutils.alloca_once(builder, _VF) for _ in range(4)] for _ in range(m)]
+        acc = [[cgutils.alloca_once(builder, acc_t) for _ in range(4)] for _ in range(m)]
+        start = ([load(builder.add(s_base, i64(64 * v)), _VI) for v in range(4)] if kind == "int8"
+                 else [ir.Constant(_VF, [0.0] * 16)] * 4)
         for j in range(m):
             for v in range(4):
-                builder.store(ir.Constant(_VF, [0.0] * 16), acc[j][v])
+                builder.store(start[v], acc[j][v])
         with cgutils.for_range(builder, K) as loop:
             k = loop.index
             wk = builder.add(w_base, builder.mul(k, i64(4 * PANEL)))
@@ -198,7 +219,9 @@ def _codegen(bf16: bool, op_type: ir.FunctionType, op_name: str, context: Any, b
                 inside = builder.icmp_signed("<", builder.add(_splat(builder, builder.trunc(c0, _I32), _VI), lanes),
                                              width)
                 out_ptr = builder.inttoptr(builder.add(row, builder.mul(c0, i64(4))), ir.PointerType())
-                builder.call(store, [builder.load(acc[j][v]), out_ptr, _I32(4), inside])
+                total = builder.load(acc[j][v])
+                total = builder.sitofp(total, _VF) if kind == "int8" else total
+                builder.call(store, [total, out_ptr, _I32(4), inside])
 
     full = builder.add(n_start, builder.mul(builder.udiv(builder.sub(n_end, n_start), i64(_ROWS)), i64(_ROWS)))
     with cgutils.for_range_slice(builder, n_start, full, i64(_ROWS)) as (n0, _):
@@ -210,8 +233,9 @@ def _codegen(bf16: bool, op_type: ir.FunctionType, op_name: str, context: Any, b
     return context.get_dummy_value()
 
 
-_tile: Any = intrinsic(_tile_typer(False))  # Any: called without the typing context
-_tile_bf16: Any = intrinsic(_tile_typer(True))
+_tile: Any = intrinsic(_tile_typer("float32"))  # Any: called without the typing context
+_tile_bf16: Any = intrinsic(_tile_typer("bfloat16"))
+tile_int8: Any = intrinsic(_tile_typer("int8"))  # grumpy.kernels.vnni's
 
 
 def _products(wp, a, out):

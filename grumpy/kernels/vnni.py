@@ -14,6 +14,8 @@ multiple of 64 rows and 4 columns and packed as (R / 64, K / 4, 64, 4), so one p
 rows is four 16-lane vectors per group of 4 columns. For each activation row the kernel
 broadcasts 4 bytes and accumulates into the panel's four vectors: each lane is one output,
 with no horizontal sums. Four activation rows are in flight at a time (16 accumulators).
+The code is :mod:`grumpy.kernels.panels`' (its float32 and bfloat16 kernels share it),
+with int32 accumulators that start from those offsets.
 
 Only compiled where the CPU (as numba targets it) has AVX-512 VNNI: :func:`available`.
 Imported lazily by :mod:`grumpy.quantized`.
@@ -21,23 +23,12 @@ Imported lazily by :mod:`grumpy.quantized`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from grumpy.kernels.nb import _named
+from grumpy.kernels.panels import PANEL, tile_int8
 from grumpy.kernels.quantized_nb import gates_serial, quantize_rows_int8
-
-PANEL = 64  # weight rows per panel: four 16-lane int32 vectors
-_ROWS = 4  # activation rows in flight
-
-_I32, _F32 = ir.IntType(32), ir.FloatType()
-_V16, _VF = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
-_VB = ir.VectorType(ir.IntType(1), 16)
 
 _AVAILABLE: bool | None = None
 
@@ -76,91 +67,12 @@ def activations(N: int, K: int) -> np.ndarray:
     return np.zeros((N, -(-K // 4) * 4), np.uint8)
 
 
-def _splat(builder: ir.IRBuilder, v: Any) -> Any:
-    """A 16-lane vector of the i32 value v."""
-    one = builder.insert_element(ir.Constant(_V16, None), v, _I32(0))
-    return builder.shuffle_vector(one, ir.Constant(_V16, None), ir.Constant(_V16, [0] * 16))
-
-
-def _panel_typer(typingctx: Any, wp: Any, start: Any, u: Any, out: Any, p: Any) -> Any:
-    """out[n, 64p : 64p + 64] = float32(start[r] + sum_k u[n, k] q[r, k]) for every row n of
-    u (N, K') uint8 (:func:`offset_rows`), the panel's columns past out's width left alone.
-    Reads only the outer strides: wp as :func:`pack` gives it, and rows of u and out
-    contiguous (as :func:`activations` and a fresh float32 array give them)."""
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        i64 = ir.IntType(64)
-        w = context.make_array(sig.args[0])(context, builder, args[0])
-        s = context.make_array(sig.args[1])(context, builder, args[1])
-        a = context.make_array(sig.args[2])(context, builder, args[2])
-        o = context.make_array(sig.args[3])(context, builder, args[3])
-        p = args[4]
-        K4 = cgutils.unpack_tuple(builder, w.shape, 4)[1]
-        w_stride = cgutils.unpack_tuple(builder, w.strides, 4)[0]
-        N = cgutils.unpack_tuple(builder, a.shape, 2)[0]
-        a_stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
-        R = cgutils.unpack_tuple(builder, o.shape, 2)[1]
-        o_stride = cgutils.unpack_tuple(builder, o.strides, 2)[0]
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]),
-                                             "llvm.x86.avx512.vpdpbusd.512")
-        store = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_VF, ir.PointerType(), _I32, _VB]),
-            "llvm.masked.store.v16f32.p0")
-
-        def vec_at(addr: Any) -> Any:  # unaligned loads: NumPy's arrays are 16-byte aligned
-            return builder.load(builder.inttoptr(addr, _V16.as_pointer()), align=1)
-
-        r0 = builder.mul(p, i64(PANEL))
-        w_base = builder.add(builder.ptrtoint(w.data, i64), builder.mul(p, w_stride))
-        s_base = builder.add(builder.ptrtoint(s.data, i64), builder.mul(r0, i64(4)))
-        a_base, o_base = builder.ptrtoint(a.data, i64), builder.ptrtoint(o.data, i64)
-        lanes = ir.Constant(_V16, list(range(16)))
-        width = _splat(builder, builder.trunc(R, _I32))
-
-        def rows(n0: Any, m: int) -> None:
-            """Activation rows n0 .. n0 + m - 1 against the panel."""
-            acc = [[cgutils.alloca_once(builder, _V16) for _ in range(4)] for _ in range(m)]
-            first = [vec_at(builder.add(s_base, i64(64 * v))) for v in range(4)]
-            for j in range(m):
-                for v in range(4):
-                    builder.store(first[v], acc[j][v])
-            with cgutils.for_range(builder, K4) as loop:
-                k4 = loop.index
-                wk = builder.add(w_base, builder.mul(k4, i64(4 * PANEL)))
-                wv = [vec_at(builder.add(wk, i64(64 * v))) for v in range(4)]
-                for j in range(m):
-                    at = builder.add(builder.add(a_base, builder.mul(builder.add(n0, i64(j)), a_stride)),
-                                     builder.mul(k4, i64(4)))
-                    u4 = _splat(builder, builder.load(builder.inttoptr(at, _I32.as_pointer()), align=1))
-                    for v in range(4):
-                        builder.store(builder.call(dot, [builder.load(acc[j][v]), u4, wv[v]]), acc[j][v])
-            for j in range(m):
-                row = builder.add(o_base, builder.mul(builder.add(n0, i64(j)), o_stride))
-                for v in range(4):
-                    c0 = builder.add(r0, i64(16 * v))
-                    inside = builder.icmp_signed("<", builder.add(_splat(builder, builder.trunc(c0, _I32)), lanes),
-                                                 width)
-                    out_ptr = builder.inttoptr(builder.add(row, builder.mul(c0, i64(4))), ir.PointerType())
-                    builder.call(store, [builder.sitofp(builder.load(acc[j][v]), _VF), out_ptr, _I32(4), inside])
-
-        full = builder.mul(builder.udiv(N, i64(_ROWS)), i64(_ROWS))
-        with cgutils.for_range_slice(builder, i64(0), full, i64(_ROWS)) as (n0, _):
-            rows(n0, _ROWS)
-        with cgutils.for_range_slice(builder, full, N, i64(1)) as (n0, _):
-            rows(n0, 1)
-        return context.get_dummy_value()
-
-    return types.void(wp, start, u, out, p), codegen
-
-
-_panel: Any = intrinsic(_panel_typer)  # Any: called without the typing context
-
-
 def _products(wp, start, u, out):
     """out (N, R) float32 = the exact int8 products of u (N, K') uint8 (activations + 128)
     with the packed weights (:func:`pack`), one panel of 64 output columns at a time."""
+    N = u.shape[0]
     for p in prange(wp.shape[0]):
-        _panel(wp, start, u, out, p)
+        tile_int8(wp, start, u, out, p, 0, N)
 
 
 products_serial = njit(cache=True)(_named(_products, "_serial"))
@@ -192,8 +104,8 @@ def _step(x, h, wi, ti, wh, th, sih, shh, bih, bhh, out, xq, hq, xu, hu, g):
     offset_rows(hq, hu)
     gi, gh = g[0:1], g[1:2]
     for p in prange(wh.shape[0]):
-        _panel(wi, ti, xu, gi, p)
-        _panel(wh, th, hu, gh, p)
+        tile_int8(wi, ti, xu, gi, p, 0, 1)
+        tile_int8(wh, th, hu, gh, p, 0, 1)
     gates_serial(gi, sx, sih, gh, sh, shh, bih, bhh, h.reshape(1, -1), out.reshape(1, -1), np.empty(0, np.float32))
 
 
