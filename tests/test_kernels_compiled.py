@@ -255,12 +255,20 @@ def test_serial_and_parallel_kernels_never_share_a_cache_entry(tmp_path):
         assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
 
 
-def test_threads_that_first_use_the_kernels_together_all_get_them():
-    # The kernels are imported on first use. A thread that asked while another was still
-    # importing them once got None, "no numba", and a shared inference pass failed.
+def fresh_python(code, unset):
+    """stdout of ``code`` run in a fresh interpreter without the environment variable ``unset``."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != unset})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_threads_that_first_use_the_kernels_together_all_get_them():
+    # The kernels are imported on first use. A thread that asked while another was still
+    # importing them once got None, "no numba", and a shared inference pass failed.
     code = (
         "import threading\n"
         "from grumpy.kernels.route import compiled_kernels\n"
@@ -273,10 +281,7 @@ def test_threads_that_first_use_the_kernels_together_all_get_them():
         "[t.join() for t in ts]\n"
         "print(got)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in os.environ.items() if k != "GRUMPY_NUMBA"})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[True, True, True, True]"
+    assert fresh_python(code, unset="GRUMPY_NUMBA").strip() == "[True, True, True, True]"
 
 
 @pytest.mark.parametrize("R, K, N", [(18, 5, 3), (64, 1, 4), (130, 7, 13), (192, 64, 128), (768, 33, 9)])
@@ -308,9 +313,6 @@ def test_the_tbb_check_agrees_with_the_layer_numba_runs_on():
     numba itself loads libtbb and then runs on it: the check said no TBB, and the parallel
     kernels were never chosen. Asked first in a fresh process, it must agree with the
     threading layer numba then picks."""
-    import subprocess
-    import sys
-
     code = (
         "from grumpy.kernels.route import parallel_gates_ok\n"
         "ok = parallel_gates_ok()\n"
@@ -318,10 +320,7 @@ def test_the_tbb_check_agrees_with_the_layer_numba_runs_on():
         "f = numba.njit(parallel=True)(lambda a: sum([a[i] for i in numba.prange(a.size)]))\n"
         "f(np.ones(4)); print(ok, numba.threading_layer())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    ok, layer = out.stdout.split()
+    ok, layer = fresh_python(code, unset="NUMBA_THREADING_LAYER").split()
     assert ok == str(layer == "tbb")
 
 

@@ -100,7 +100,7 @@ class _Loop:
             self.wh = blas.Packed(weight_hh, rows, trans=True, serial=serial)
             self.wi = blas.Packed(weight_ih, rows, trans=True, serial=serial) if stepwise else None
         else:
-            # one row: W_hh's rows for sgemv; more: W_hh^T for sgemm (see nb.forward_loop)
+            # one stream: W_hh's rows for sgemv; a batch: W_hh^T for sgemm (see nb.forward_loop)
             self.whh = np.ascontiguousarray(weight_hh) if rows == 1 else transposed(weight_hh)
             self.wih = np.ascontiguousarray(weight_ih) if stepwise else _NO_W
 

@@ -199,11 +199,11 @@ def forward_loop(sgemm, sgemv, x, wih, gates, whh, bih, bhh, hs, hn_all, mask, r
 
     ``sgemm`` and ``sgemv`` are NumPy's own cblas_sgemm and cblas_sgemv (64-bit integers,
     :data:`grumpy.kernels.blas.SGEMM`, ``SGEMV``); wih the (3H, I) weights as they are. whh
-    is W_hh (3H, H) for one stream (W_hh h by sgemv on its contiguous rows: OpenBLAS's
-    sgemm with one column ran at a third of its sgemv's rate at H = 256) and W_hh^T (H, 3H)
-    for a batch: gh = h W_hh^T as sgemm of two untransposed operands, which OpenBLAS ran at
-    twice the rate of the transposed form at B=32, H=64 (either layout takes either count
-    of rows: a share of one row in a batch's loop).
+    is W_hh (3H, H) for a loop over one stream (W_hh h by sgemv on its contiguous rows:
+    OpenBLAS's sgemm with one column ran at a third of its sgemv's rate at H = 256) and
+    W_hh^T (H, 3H) for a batch: gh = h W_hh^T as sgemm of two untransposed operands, which
+    OpenBLAS ran at twice the rate of the transposed form at B=32, H=64 (a share of one
+    row of a batch: sgemv on the transpose).
     ``wih`` empty (0, 0): gates (T, B, 3H) hold the input projections. Else (inference,
     one share of a batch) x (T, B, I) times W_ih^T is computed step by step into gates
     (1, b1-b0, 3H) while the rows are in cache. An empty hn_all (0, B, H) means inference
@@ -217,7 +217,7 @@ def forward_loop(sgemm, sgemv, x, wih, gates, whh, bih, bhh, hs, hn_all, mask, r
     n = b1 - b0
     keep = hn_all.shape[0] > 0
     stepwise = wih.shape[0] > 0
-    rows = whh.shape[0] == G  # W_hh as it is, else its transpose
+    one_stream = whh.shape[0] == G  # W_hh as it is, else its transpose
     for step in range(T):
         t = T - 1 - step if reverse else step
         ip = t + 1 if reverse else t
@@ -227,10 +227,8 @@ def forward_loop(sgemm, sgemv, x, wih, gates, whh, bih, bhh, hs, hn_all, mask, r
             sgemm(_RM, _NT, _TR, n, G, I, _ONE, x[t, b0:b1].ctypes.data, I, wih.ctypes.data, I, _ZERO,
                   g.ctypes.data, G)
         hp, ho, m = hs[ip, b0:b1], hs[io, b0:b1], mask[t, b0:b1]
-        if rows and n == 1:
+        if one_stream:
             sgemv(_RM, _NT, G, H, _ONE, whh.ctypes.data, H, hp.ctypes.data, 1, _ZERO, gh.ctypes.data, 1)
-        elif rows:
-            sgemm(_RM, _NT, _TR, n, G, H, _ONE, hp.ctypes.data, H, whh.ctypes.data, H, _ZERO, gh.ctypes.data, G)
         elif n == 1:
             sgemv(_RM, _TR, H, G, _ONE, whh.ctypes.data, G, hp.ctypes.data, 1, _ZERO, gh.ctypes.data, 1)
         else:

@@ -238,26 +238,37 @@ _tile_bf16: Any = intrinsic(_tile_typer("bfloat16"))
 tile_int8: Any = intrinsic(_tile_typer("int8"))  # grumpy.kernels.vnni's
 
 
+@njit(inline="always", cache=True)
+def _blocks(P, N):
+    """Blocks of rows each panel is cut into: enough for at least TILES tiles (a few
+    panels, small H, still keep every core busy), each block a multiple of _ROWS rows."""
+    return min(max(1, -(-TILES // P)), -(-N // _ROWS))
+
+
+@njit(inline="always", cache=True)
+def _rows_of(b, blocks, N):
+    """Rows [n0, n1) of block b of ``blocks``, starting at multiples of _ROWS."""
+    groups = -(-N // _ROWS)
+    return min(N, _ROWS * (groups * b // blocks)), min(N, _ROWS * (groups * (b + 1) // blocks))
+
+
 def _products(wp, a, out):
     """out (N, R) = a (N, K) W^T, W packed by :func:`pack`, in tiles of one panel and a
-    block of rows: at least TILES of them, so that a few panels (small H) still keep
-    every core busy."""
+    block of rows (:func:`_blocks`)."""
     P, N = wp.shape[0], a.shape[0]
-    groups = -(-N // _ROWS)  # blocks start at multiples of _ROWS rows
-    blocks = min(max(1, -(-TILES // P)), groups)
+    blocks = _blocks(P, N)
     for t in prange(P * blocks):
-        p, b = t // blocks, t % blocks
-        _tile(wp, a, out, p, min(N, _ROWS * (groups * b // blocks)), min(N, _ROWS * (groups * (b + 1) // blocks)))
+        n0, n1 = _rows_of(t % blocks, blocks, N)
+        _tile(wp, a, out, t // blocks, n0, n1)
 
 
 def _products_bf16(wp, a, out):
     """:func:`_products` for bfloat16: wp from :func:`pack_bf16`, a (N, K') bit patterns."""
     P, N = wp.shape[0], a.shape[0]
-    groups = -(-N // _ROWS)
-    blocks = min(max(1, -(-TILES // P)), groups)
+    blocks = _blocks(P, N)
     for t in prange(P * blocks):
-        p, b = t // blocks, t % blocks
-        _tile_bf16(wp, a, out, p, min(N, _ROWS * (groups * b // blocks)), min(N, _ROWS * (groups * (b + 1) // blocks)))
+        n0, n1 = _rows_of(t % blocks, blocks, N)
+        _tile_bf16(wp, a, out, t // blocks, n0, n1)
 
 
 @njit(cache=True)
