@@ -22,7 +22,8 @@ from grumpy._util import (
     orthogonal_blocks,
     uniform_init,
 )
-from grumpy.kernels import ROUTES, Route, gru_sequence_backward, gru_sequence_forward, state_views
+from grumpy.kernels import ROUTES, Route, choose, gru_sequence_backward, gru_sequence_forward, state_views
+from grumpy.kernels.step import step_into
 
 # A kernel runs one direction of one layer over a sequence:
 #   forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, mask, keep_cache, workspace) -> (out, h_last, cache or None)
@@ -31,6 +32,10 @@ from grumpy.kernels import ROUTES, Route, gru_sequence_backward, gru_sequence_fo
 # calls, and consume=True lets the backward overwrite the cache (usable once).
 ForwardKernel = Callable[..., tuple[np.ndarray, np.ndarray, Any]]
 BackwardKernel = Callable[..., tuple[np.ndarray | None, np.ndarray, dict[str, np.ndarray]]]
+# A step kernel runs one direction of one layer for one step of one stream, in inference:
+#   step(x (I,), h (H,), w_ih, w_hh, b_ih, b_hh, out (H,)) -> out, the new state
+# with x and h contiguous, of the layer's dtype (checked by the caller).
+StepKernel = Callable[..., np.ndarray]
 
 _SUFFIXES = ("", "_reverse")
 
@@ -114,6 +119,29 @@ def stack_forward(
         inp = outs[0] if D == 1 else np.concatenate(outs, axis=-1)
         caches.append(layer_caches)
     return inp, h_n, StackCache(caches, masks) if keep_cache else None
+
+
+def stack_step(
+    step_kernel: StepKernel, params: Mapping[str, np.ndarray], x: np.ndarray, h0: np.ndarray, *,
+    num_layers: int, bidirectional: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`stack_forward` for one step of one stream without a mask, dropout or cache:
+    x (1, 1, I), h0 (L*D, 1, H) -> output (1, 1, D*H), h_n (L*D, 1, H), one kernel call
+    per layer and direction and nothing else (a user's generation loop calls forward
+    once a token, and the sequence kernels' set-up cost more than the step at small H).
+    A reverse direction over one step is the forward one."""
+    D = 2 if bidirectional else 1
+    h0 = np.ascontiguousarray(h0)
+    h_n = np.empty_like(h0)
+    inp = np.ascontiguousarray(x[0, 0])
+    for layer in range(num_layers):
+        for d in range(D):
+            w_ih, w_hh, b_ih, b_hh = _names(layer, d)
+            step_kernel(inp, h0[layer * D + d, 0], params[w_ih], params[w_hh], params.get(b_ih), params.get(b_hh),
+                        h_n[layer * D + d, 0])
+        if layer + 1 < num_layers:
+            inp = h_n[layer * D : (layer + 1) * D, 0].reshape(-1)
+    return (h_n[-1:] if D == 1 else h_n[-2:].reshape(1, 1, -1)).copy(), h_n
 
 
 def stack_backward(
@@ -222,6 +250,10 @@ class RecurrentStack:
     # -- the parts a subclass provides -------------------------------------
     def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
         raise NotImplementedError
+
+    def _step_kernel(self) -> StepKernel | None:
+        """The kernel for one step of one stream in inference, where the layer has one."""
+        return None
 
     # -- parameters ---------------------------------------------------------
     @property
@@ -336,6 +368,13 @@ class RecurrentStack:
         else:
             h0 = self._check_array("h0", h0, (LD, B, self.hidden_size), "(num_layers * D, B, H)")
         mask = None if lengths is None else lengths_mask(lengths, T, B, self.dtype)
+        dropping = self.training and ((self.dropout > 0 and self.num_layers > 1) or self.weight_drop > 0)
+        if T == B == 1 and mask is None and not grad and not dropping:
+            step = self._step_kernel()
+            if step is not None:
+                out, h_n = stack_step(step, self.params, x, h0, num_layers=self.num_layers,
+                                      bidirectional=self.bidirectional)
+                return out, h_n, None
         drop: list[np.ndarray | None] = [None] * self.num_layers
         if self.training and self.dropout > 0:
             width = self.num_directions * self.hidden_size
@@ -489,6 +528,12 @@ class GRU(RecurrentStack):
 
     def _kernels(self) -> tuple[ForwardKernel, BackwardKernel]:
         return partial(gru_sequence_forward, reset_after=self.reset_after, route=self.route), gru_sequence_backward
+
+    def _step_kernel(self) -> StepKernel | None:
+        # Where route.choose takes the step route (one step of one stream, inference)
+        route = self.route if isinstance(self.route, Route) else choose(
+            self.dtype, self.reset_after, 1, self.hidden_size, grad=False, kind=self.route, T=1)
+        return step_into if route.kind == "step" else None
 
     def gates(self, x: np.ndarray, h0: np.ndarray | None = None, *, lengths: Any = None) -> dict[str, np.ndarray]:
         """Every layer's gates and states at every step, for looking inside a trained model.

@@ -12,6 +12,7 @@ import pytest
 
 import grumpy.kernels as K
 from grumpy import GRU, RNN
+from grumpy.kernels.step import step_into
 from grumpy.lm.model import CharModel, ModelConfig
 
 
@@ -160,7 +161,8 @@ def test_nll_equals_cross_entropy_and_is_stable(dtype):
 
 
 @pytest.mark.parametrize("H", [8, 600])  # the compiled step below STEP_BLAS_MIN, BLAS's products above
-def test_one_step_of_one_stream_takes_the_step_route_and_agrees(H):
+@pytest.mark.parametrize("bidirectional,bias", [(False, True), (True, False)])
+def test_one_step_of_one_stream_takes_the_step_route_and_agrees(H, bidirectional, bias):
     """A user's generation loop, ``forward`` on (1, 1, I) without gradients, takes the
     generation step (no loop set-up); its result equals the training forward's."""
     if not K.use_compiled(np.float32, True):
@@ -169,9 +171,25 @@ def test_one_step_of_one_stream_takes_the_step_route_and_agrees(H):
     assert K.choose(np.float32, True, 1, H, grad=True, T=1).kind != "step"
     assert K.choose(np.float32, True, 1, H, grad=False, T=2).kind != "step"
     rng = np.random.default_rng(3)
-    gru = GRU(5, H, num_layers=2, seed=2)
+    gru = GRU(5, H, num_layers=2, bidirectional=bidirectional, bias=bias, seed=2)
+    assert gru._step_kernel() is step_into  # forward below takes the one-step stack
+    assert GRU(5, H, route="loop")._step_kernel() is None  # a named route is kept
+    assert GRU(5, H, dtype=np.float64)._step_kernel() is None
+    D = 2 if bidirectional else 1
     x = rng.standard_normal((1, 1, 5)).astype(np.float32)
-    h0 = rng.standard_normal((2, 1, H)).astype(np.float32)
+    h0 = rng.standard_normal((2 * D, 1, H)).astype(np.float32)
+    h0_before = h0.copy()
     want = gru.forward(x, h0)
     got = gru.forward(x, h0, grad=False)
     assert_same(want, got, np.float32)
+    out, h_n = got
+    assert out.shape == (1, 1, D * H) and h_n.shape == (2 * D, 1, H)
+    assert not np.shares_memory(out, h_n) and np.array_equal(h0, h0_before)
+    with pytest.raises(RuntimeError, match="grad=False"):
+        gru.backward(np.ones_like(out))
+    # in training mode with dropout between layers the masks are drawn: the sequence path
+    gru.dropout = 0.5
+    a = gru.forward(x, h0, grad=False)[0]
+    gru.eval()
+    np.testing.assert_array_equal(gru.forward(x, h0, grad=False)[0], out)
+    assert not np.array_equal(a, out)

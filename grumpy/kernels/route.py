@@ -44,6 +44,8 @@ import numpy as np
 
 from grumpy.kernels import blas
 
+_F32 = np.dtype(np.float32)
+
 ROUTES = ("numpy", "loop", "packed", "steps", "shared", "step")
 
 # Gate kernels use all cores from this many batch x hidden elements per step. Below it
@@ -135,7 +137,7 @@ def panels_ok() -> bool:
 
 def use_compiled(dtype: np.dtype, reset_after: bool) -> bool:
     """Whether the compiled kernels can run this dtype and gate form (float32, reset_after)."""
-    return reset_after and np.dtype(dtype) == np.float32 and compiled_kernels() is not None
+    return reset_after and _F32 == dtype and compiled_kernels() is not None
 
 
 @dataclass(frozen=True)

@@ -22,33 +22,48 @@ def gru_step(
 ) -> np.ndarray:
     """One GRU step: x (I,) or (B, I), h (H,) or (B, H) -> the new state, shaped like h.
 
-    A single float32 stream (x 1-d) runs one compiled pass: the three gates'
-    matrix-vector products and the gate math fused, no temporaries (from
-    ``STEP_BLAS_MIN`` on, BLAS's matrix-vector products on all cores, then the
-    gates); anything else goes through the reference :func:`grumpy.cell.gru_cell_forward`.
+    A single float32 stream (x 1-d) runs one compiled pass (:func:`step_into`);
+    anything else goes through the reference :func:`grumpy.cell.gru_cell_forward`.
     """
     x = np.asarray(x)
     h = np.asarray(h)
-    H = h.shape[-1]
     dt = h.dtype
     if x.ndim == 1 and h.ndim == 1 and x.dtype == dt and weight_hh.dtype == dt and use_compiled(dt, reset_after):
-        nb = compiled_kernels()
-        assert nb is not None
-        out = np.empty(H, dt)
-        b_ih, b_hh = biases(bias_ih, bias_hh, H, dt)
-        if H >= STEP_BLAS_MIN:  # the weights stream from memory: every core reads a share
-            nb.step_gates(matmul(weight_ih, x), matmul(weight_hh, h), b_ih, b_hh, np.ascontiguousarray(h), out)
-            return out
-        nb.step_serial(
-            np.ascontiguousarray(x), np.ascontiguousarray(h),
-            np.ascontiguousarray(weight_ih), np.ascontiguousarray(weight_hh), b_ih, b_hh, out,
-        )
-        return out
+        return step_into(np.ascontiguousarray(x), np.ascontiguousarray(h), weight_ih, weight_hh, bias_ih, bias_hh,
+                         np.empty_like(h))
+    H = h.shape[-1]
     h_new, _ = gru_cell_forward(
         x.reshape(-1, x.shape[-1]), h.reshape(-1, H), weight_ih, weight_hh, bias_ih, bias_hh,
         reset_after=reset_after,
     )
     return h_new.reshape(h.shape)
+
+
+def step_into(
+    x: np.ndarray,
+    h: np.ndarray,
+    weight_ih: np.ndarray,
+    weight_hh: np.ndarray,
+    bias_ih: np.ndarray | None,
+    bias_hh: np.ndarray | None,
+    out: np.ndarray,
+) -> np.ndarray:
+    """The compiled step of one float32 stream, for callers that checked their arrays:
+    x (I,), h (H,) contiguous float32 -> out (H,), which must not overlap h; returns out.
+
+    The three gates' matrix-vector products and the gate math run fused in one pass
+    with no temporaries; from ``STEP_BLAS_MIN`` on, BLAS's matrix-vector products run
+    on all cores, then the gates.
+    """
+    nb = compiled_kernels()
+    assert nb is not None
+    H = h.shape[0]
+    b_ih, b_hh = biases(bias_ih, bias_hh, H, h.dtype)
+    if H >= STEP_BLAS_MIN:  # the weights stream from memory: every core reads a share
+        nb.step_gates(matmul(weight_ih, x), matmul(weight_hh, h), b_ih, b_hh, h, out)
+    else:
+        nb.step_serial(x, h, np.ascontiguousarray(weight_ih), np.ascontiguousarray(weight_hh), b_ih, b_hh, out)
+    return out
 
 
 class GRUStep:
@@ -114,7 +129,7 @@ def steps_forward(
     case ``route.choose`` takes it for, one valid step of one stream, returns the step's
     state as the output without the loop's buffers (0.6 of 6 us a call at H=16)."""
     T, B, _ = x.shape
-    if T == 1 and B == 1 and mask is None:  # a user's generation loop calling forward
+    if T == 1 and B == 1 and mask is None:  # a generation loop calling the kernel (gru_forward)
         h_new = gru_step(x[0, 0], h0[0], weight_ih, weight_hh, bias_ih, bias_hh)
         return h_new.reshape(1, 1, -1), h_new.reshape(1, -1).copy()
     out = np.empty((T, B, h0.shape[-1]), h0.dtype)
