@@ -356,12 +356,14 @@ def test_vnni_follows_the_cpu_numba_targets(monkeypatch):
     k = pytest.importorskip("grumpy.kernels.vnni")
     from numba.core import config
 
+    from grumpy.kernels import panels
+
     monkeypatch.setattr(config, "CPU_NAME", "x86-64", raising=False)
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma", raising=False)
-    monkeypatch.setattr(k, "_AVAILABLE", None)
+    monkeypatch.setattr(panels, "_FEATURES", {})
     assert not k.available()
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw,+avx512vnni", raising=False)
-    monkeypatch.setattr(k, "_AVAILABLE", None)
+    monkeypatch.setattr(panels, "_FEATURES", {})
     assert k.available()
 
 

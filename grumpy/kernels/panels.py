@@ -62,7 +62,7 @@ _VB = ir.VectorType(ir.IntType(1), 16)
 _FEATURES: dict[str, bool] = {}
 
 
-def _has(feature: str) -> bool:
+def has_feature(feature: str) -> bool:
     """Whether numba compiles for a CPU with this feature: the host's, unless numba is told
     to target another CPU (NUMBA_CPU_NAME), when only NUMBA_CPU_FEATURES counts."""
     if feature not in _FEATURES:
@@ -79,14 +79,14 @@ def _has(feature: str) -> bool:
 
 def available() -> bool:
     """Whether the float32 kernels run at their speed here: AVX-512."""
-    return _has("avx512f")
+    return has_feature("avx512f")
 
 
 def bf16_available() -> bool:
     """Whether the bfloat16 kernels run here at their speed: AVX512-BF16 without AMX. On an
     Intel Xeon with AMX (Emerald Rapids, 2026-11-26) the instruction ran at a quarter of
     Zen 5's rate, slower than float32's product on the rounded values (docs/precision.md)."""
-    return _has("avx512f") and _has("avx512bf16") and not _has("amx-bf16")
+    return has_feature("avx512f") and has_feature("avx512bf16") and not has_feature("amx-bf16")
 
 
 def pack(w: np.ndarray) -> np.ndarray:

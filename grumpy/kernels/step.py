@@ -125,13 +125,9 @@ def steps_forward(
     mask: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``step`` route: x (T, B, I), h0 (B, H), mask (T, B, 1) or None -> output
-    (T, B, H), h_last (B, H), by :func:`gru_step` at each step (inference only). The
-    case ``route.choose`` takes it for, one valid step of one stream, returns the step's
-    state as the output without the loop's buffers (0.6 of 6 us a call at H=16)."""
+    (T, B, H), h_last (B, H), by :func:`gru_step` at each step (inference only). A
+    layer's one step of one stream skips this loop (grumpy.layers.stack_step)."""
     T, B, _ = x.shape
-    if T == 1 and B == 1 and mask is None:  # a generation loop calling the kernel (gru_forward)
-        h_new = gru_step(x[0, 0], h0[0], weight_ih, weight_hh, bias_ih, bias_hh)
-        return h_new.reshape(1, 1, -1), h_new.reshape(1, -1).copy()
     out = np.empty((T, B, h0.shape[-1]), h0.dtype)
     h = h0
     for t in range(T - 1, -1, -1) if reverse else range(T):

@@ -27,26 +27,13 @@ import numpy as np
 from numba import njit, prange
 
 from grumpy.kernels.nb import _named
-from grumpy.kernels.panels import PANEL, tile_int8
+from grumpy.kernels.panels import PANEL, has_feature, tile_int8
 from grumpy.kernels.quantized_nb import gates_serial, quantize_rows_int8
-
-_AVAILABLE: bool | None = None
 
 
 def available() -> bool:
-    """Whether numba compiles for a CPU with AVX-512 VNNI: the host's features, unless numba
-    is told to target another CPU (NUMBA_CPU_NAME), when only NUMBA_CPU_FEATURES counts."""
-    global _AVAILABLE
-    if _AVAILABLE is None:
-        from llvmlite import binding
-        from numba.core import config
-
-        name, feats = getattr(config, "CPU_NAME", None), getattr(config, "CPU_FEATURES", None) or ""
-        if name not in (None, "host"):
-            _AVAILABLE = "+avx512vnni" in feats.split(",")
-        else:
-            _AVAILABLE = bool(binding.get_host_cpu_features().get("avx512vnni", False))
-    return _AVAILABLE
+    """Whether numba compiles for a CPU with AVX-512 VNNI (:func:`panels.has_feature`)."""
+    return has_feature("avx512vnni")
 
 
 def pack(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
