@@ -212,6 +212,34 @@ def test_prepared_step_matches_reference_cell(H, bias):
     np.testing.assert_array_equal(step(x[None], h[None]), K.gru_step(x[None], h[None], p["w_ih"], p["w_hh"], b_ih, b_hh))
 
 
+@pytest.mark.parametrize("pattern", ["one-hot", "two", "zero", "dense", "nan"])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_one_stream_step_reads_only_an_inputs_nonzeros_and_agrees(pattern, prepared):
+    # A mostly-zero input (a one-hot character) takes the step's gathered loop over its
+    # nonzero entries; a dense one the full loop. h has zeros too, which GRUStep skips.
+    rng = np.random.default_rng(10)
+    I, H = 11, 20
+    p = problem(rng, T=1, B=1, I=I, H=H)
+    h = p["h0"][0].copy()
+    h[::3] = 0.0
+    x = np.zeros(I, np.float32)
+    nonzero = {"one-hot": [3], "two": [0, 10], "zero": [], "dense": list(range(I)), "nan": [4]}[pattern]
+    x[nonzero] = rng.uniform(-2, 2, len(nonzero)).astype(np.float32)
+    if pattern == "nan":
+        x[4] = np.nan
+    from grumpy.kernels import nb
+
+    assert (nb.SPARSE_FRACTION * len(nonzero) <= I) == (pattern != "dense")
+    w = [p[k] for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
+    got = K.GRUStep(*w)(x, h) if prepared else K.gru_step(x, h, *w)
+    want, _ = gru_cell_forward(x[None].astype(np.float64), h[None].astype(np.float64),
+                               *(a.astype(np.float64) for a in w))
+    if pattern == "nan":
+        assert np.isnan(got).all()
+    else:
+        assert rel(got, want[0]) < 1e-6
+
+
 def test_prepared_step_is_a_snapshot_and_propagates_nan():
     p = problem(np.random.default_rng(9), T=1, B=1, H=5)
     step = K.GRUStep(p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
