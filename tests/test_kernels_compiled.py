@@ -327,13 +327,45 @@ def test_panel_products_equal_float64_and_every_split(R, K, N):
     assert wp.shape == (-(-R // 64), K, 64)
     want = a.astype(np.float64) @ w.T.astype(np.float64)
     got = {}
-    for name, f in (("serial", P.products_serial), ("parallel", P.products_parallel)):
+    # "pool": products on the threads of NumPy's BLAS (or its fallbacks), from rows of a
+    # that are not contiguous with each other
+    a_rows = np.full((N, K + 5), np.nan, np.float32)[:, :K]
+    a_rows[:] = a
+    for name, f, x in (("serial", P.products_serial, a), ("parallel", P.products_parallel, a),
+                       ("pool", P.products, a_rows)):
         out = np.full((N, R + 3), np.nan, np.float32)[:, :R]  # columns past R must stay untouched
-        f(wp, a, out)
+        f(wp, x, out)
         assert np.isnan(out.base[:, R:]).all()
         got[name] = out.copy()
         assert rel(got[name], want) < 1e-6
     np.testing.assert_array_equal(got["serial"], got["parallel"])
+    np.testing.assert_array_equal(got["serial"], got["pool"])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_panel_products_run_on_the_threads_numpys_blas_would_use(threads):
+    """grumpy.kernels.panels.products runs its tiles as jobs on NumPy's own BLAS threads,
+    as many as that BLAS would use now (threadpoolctl's limit, here also more than the
+    cores), each tile once."""
+    from threadpoolctl import threadpool_limits
+
+    from grumpy.kernels import blas
+
+    P = pytest.importorskip("grumpy.kernels.panels")
+    if blas.pool_threads() == 0:
+        pytest.skip("NumPy's BLAS lends no threads here (not a pthreads OpenBLAS)")
+    rng = np.random.default_rng(threads)
+    w = rng.standard_normal((3 * 1024, 256)).astype(np.float32)
+    a = rng.standard_normal((32, 256)).astype(np.float32)
+    wp = P.pack(w)
+    want = np.empty((32, 3 * 1024), np.float32)
+    P.products_serial(wp, a, want)
+    with threadpool_limits(threads, user_api="blas"):
+        assert blas.pool_threads() == threads
+        for _ in range(20):  # the workers pick the jobs up asleep, spinning, or mid-way
+            out = np.full_like(want, np.nan)
+            P.products(wp, a, out)
+            np.testing.assert_array_equal(out, want)  # a tile missed would be NaN
 
 
 def test_the_tbb_check_agrees_with_the_layer_numba_runs_on():
@@ -353,9 +385,8 @@ def test_the_tbb_check_agrees_with_the_layer_numba_runs_on():
 
 
 @pytest.mark.parametrize("width", [7, K.route.PANELS_MIN_H])
-def test_linear_is_x_times_w_transposed_on_either_product(width):
-    """grumpy.kernels.linear: x W^T, on the panel kernels at the widths where the steps
-    route takes them (where they are available) and on BLAS elsewhere; into ``out`` too."""
+def test_linear_is_x_times_w_transposed(width):
+    """grumpy.kernels.linear: x W^T, into ``out`` too, and from rows that are not contiguous."""
     rng = np.random.default_rng(width)
     x = rng.standard_normal((300, width)).astype(np.float32)
     w = rng.standard_normal((65, width)).astype(np.float32)

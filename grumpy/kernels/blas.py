@@ -87,6 +87,7 @@ class NumpyBLAS(NamedTuple):
     sgemv: Any  # cblas_sgemv, the same way: one stream's products (its sgemm with one column is slower)
     get_threads: Any  # () -> the threads its calls use
     set_threads_local: Any  # (n) -> the calling thread's previous count
+    run_jobs: Any  # gotoblas_pthread(n, job, records, stride): job(records + i * stride) for i < n on its threads
 
 
 def _numpy_blas() -> NumpyBLAS | None:
@@ -117,8 +118,12 @@ def _numpy_blas() -> NumpyBLAS | None:
                     f.restype = ctypes.c_int
             if set_local is not None:
                 set_local.argtypes = [ctypes.c_int]
+            jobs = getattr(lib, "gotoblas_pthread", None)
+            if jobs is not None:
+                jobs.restype = ctypes.c_int
+                jobs.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             return NumpyBLAS(SGEMM_TYPE(ctypes.cast(fn, ctypes.c_void_p).value or 0),
-                             SGEMV_TYPE(ctypes.cast(fv, ctypes.c_void_p).value or 0), get, set_local)
+                             SGEMV_TYPE(ctypes.cast(fv, ctypes.c_void_p).value or 0), get, set_local, jobs)
     return None
 
 
@@ -130,6 +135,27 @@ SGEMV_TYPE = ctypes.CFUNCTYPE(None, _i, _i, _l, _l, ctypes.c_float, _p, _l, _p, 
 NUMPY_BLAS = None if os.environ.get("GRUMPY_NUMBA", "1") == "0" else _numpy_blas()
 SGEMM: Any = NUMPY_BLAS.sgemm if NUMPY_BLAS is not None else None
 SGEMV: Any = NUMPY_BLAS.sgemv if NUMPY_BLAS is not None else None
+
+
+def pool_threads() -> int:
+    """The threads NumPy's BLAS would run grumpy's jobs on now (:func:`run_jobs`): its current
+    setting, which ``OPENBLAS_NUM_THREADS`` and threadpoolctl limit; 0 where it lends none
+    (another BLAS, an OpenMP build of OpenBLAS, ``GRUMPY_NUMBA=0``)."""
+    if NUMPY_BLAS is None or NUMPY_BLAS.run_jobs is None or NUMPY_BLAS.get_threads is None:
+        return 0
+    return int(NUMPY_BLAS.get_threads())
+
+
+def run_jobs(job: int, records: np.ndarray) -> None:
+    """job(address of records[i]) for every row i, on the threads of NumPy's own BLAS (row 0
+    on the calling thread); returns when all are done. ``job`` is the address of a C
+    function taking one pointer (a numba cfunc), ``records`` a C-contiguous 2-d array with at
+    most :func:`pool_threads` rows. This is OpenBLAS's ``gotoblas_pthread``, its pthreads
+    server's way to run a plain function on its pool: the workers that run the caller's
+    own products then run grumpy's, and no second pool spins beside them."""
+    assert NUMPY_BLAS is not None and NUMPY_BLAS.run_jobs is not None
+    assert records.flags.c_contiguous and 0 < records.shape[0] <= max(1, pool_threads())
+    NUMPY_BLAS.run_jobs(records.shape[0], job, records.ctypes.data, records.strides[0])
 
 
 # Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -286,3 +286,62 @@ products_serial = njit(cache=True)(_named(_products, "_serial"))
 products_parallel = njit(cache=True, parallel=True)(_named(_products, "_parallel"))
 products_bf16_serial = njit(cache=True)(_named(_products_bf16, "_serial"))
 products_bf16_parallel = njit(cache=True, parallel=True)(_named(_products_bf16, "_parallel"))
+
+
+
+def _address_typer(typingctx: Any, addr: Any) -> Any:
+    """A float32 pointer from an integer address: a job's record carries its arrays' addresses."""
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
+
+    return types.CPointer(types.float32)(types.int64), codegen
+
+
+_f32_at: Any = intrinsic(_address_typer)
+
+# A job's record (int64): the addresses and sizes of wp (P, K, 64), a (N, K) with lda
+# floats a row, out (N, R) with ldo, and the job's tiles [t0, t1).
+_FIELDS = ("wp", "P", "K", "a", "lda", "N", "out", "ldo", "R", "t0", "t1")
+
+
+def _run_job(record):
+    """Tiles t0 .. t1 - 1 of :func:`_products`, from a record: a C function, so that the
+    threads of NumPy's BLAS can run it (:func:`products`)."""
+    wp_at, P, K, a_at, lda, N, out_at, ldo, R, t0, t1 = carray(record, len(_FIELDS), types.int64)  # type: ignore[call-overload]
+    wp = carray(_f32_at(wp_at), (P, K, PANEL))
+    a = carray(_f32_at(a_at), (N, lda))[:, :K]
+    out = carray(_f32_at(out_at), (N, ldo))[:, :R]
+    blocks = _blocks(P, N)
+    for t in range(t0, t1):
+        n0, n1 = _rows_of(t % blocks, blocks, N)
+        _tile(wp, a, out, t // blocks, n0, n1)
+
+
+_job: Any = cfunc(types.void(types.voidptr), cache=True)(_run_job)
+
+
+def products(wp: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+    """out (N, R) = a (N, K) W^T, W packed by :func:`pack`, on every thread NumPy's BLAS
+    would use now, and on that library's own threads (:func:`grumpy.kernels.blas.run_jobs`):
+    the caller's NumPy products and these then share one pool, so neither waits for a core
+    while the other's threads spin (docs/benchmarks.md, "How grumpy is fast"). Where that
+    BLAS lends no threads, numba's (on TBB) or the calling thread. Rows of a and out must
+    be contiguous (unit column stride)."""
+    from grumpy.kernels import blas
+    from grumpy.kernels.route import parallel_gates_ok
+
+    P, K, _ = wp.shape
+    N, R = out.shape
+    tiles = P * _blocks(P, N)
+    n = min(blas.pool_threads(), tiles)
+    if n > 1 and a.strides[1] == out.strides[1] == 4:
+        edges = np.arange(n + 1) * tiles // n
+        rec = np.empty((n, len(_FIELDS)), np.int64)
+        rec[:, :9] = (wp.ctypes.data, P, K, a.ctypes.data, a.strides[0] // 4, N, out.ctypes.data,
+                      out.strides[0] // 4, R)
+        rec[:, 9], rec[:, 10] = edges[:-1], edges[1:]
+        blas.run_jobs(_job.address, rec)
+    elif blas.pool_threads() == 0 and parallel_gates_ok():
+        products_parallel(wp, a, out)
+    else:
+        products_serial(wp, a, out)

@@ -129,10 +129,11 @@ def parallel_gates_ok() -> bool:
 def panels_ok() -> bool:
     """Whether the ``steps`` route's products may be grumpy's own (grumpy.kernels.panels):
     where numba targets AVX-512 (elsewhere its 16-lane vectors are split and spill) and
-    runs its threads on TBB (whose workers sleep when idle, as NumPy's BLAS expects of
-    its neighbours; see :func:`parallel_gates_ok`)."""
+    the products can run on NumPy's BLAS's own threads (one pool with the caller's
+    products) or else on TBB's (whose workers sleep when idle; see :func:`parallel_gates_ok`)."""
     k = compiled_kernels("panels")
-    return k is not None and k.available() and parallel_gates_ok()
+    return k is not None and k.available() and (blas.NUMPY_BLAS is not None and blas.NUMPY_BLAS.run_jobs is not None
+                                                 or parallel_gates_ok())
 
 
 def use_compiled(dtype: np.dtype, reset_after: bool) -> bool:
@@ -215,17 +216,6 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
         return _STEP
     parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
     return Route(kind, parallel, panels=kind == "steps" and _panels(B, H))
-
-
-def linear_panels(N: int, K: int, R: int) -> bool:
-    """Whether a linear layer's product x W^T, x (N, K), W (R, K), float32, runs on
-    grumpy.kernels.panels (:func:`grumpy.kernels.linear`): at the widths where the ``steps``
-    route's products do (K >= PANELS_MIN_H), so that a pipeline of such layers keeps one
-    pool of threads awake, and only where NumPy's OpenBLAS would use its threads
-    (2^18 multiply-adds on): after each of its calls they spin for about 0.1 s, and the
-    panels' second thread then waited for the core (inference at H=1024, B=32, the
-    head's product between passes: 29k against 46-52k tokens/s)."""
-    return N > 1 and K >= PANELS_MIN_H and N * K * R >= blas.MKL_MIN_MACS and panels_ok()
 
 
 def _panels(B: int, H: int) -> bool:
