@@ -29,6 +29,12 @@ def _nb() -> Any:
     return nb
 
 
+def _pool() -> Any:
+    pool = compiled_kernels("pool")
+    assert pool is not None, "a compiled route was chosen without numba"
+    return pool
+
+
 def transposed(w: np.ndarray) -> np.ndarray:
     """A contiguous copy of w.T, by the compiled tiled transpose for large float32 matrices
     (NumPy's strided copy is several times slower there)."""
@@ -120,7 +126,6 @@ def forward(
         return _forward_shared(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
     if not keep_cache:
         return _forward_inference(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
-    nb = _nb()
     T, B, _ = x.shape
     H = h0.shape[-1]
     dt = x.dtype
@@ -131,7 +136,7 @@ def forward(
     bih, bhh = biases(bias_ih, bias_hh, H, dt)
     m2 = mask2(mask, T, dt)
     if route.kind == "steps":
-        fused = nb.gates_forward_parallel if route.parallel else nb.gates_forward_serial
+        fused = _pool().fused_gates("forward", route.parallel)
         product = _recurrent_product(route, weight_hh, B)
         h_in, h_out = state_views(hs, reverse)
         gh = np.empty((B, 3 * H), dt)
@@ -158,7 +163,6 @@ def _forward_inference(
 ) -> tuple[np.ndarray, np.ndarray, None]:
     """The forward without a cache, input projections a chunk of steps at a time:
     memory no longer grows as T * B * 3H, and the gate kernels keep only the state."""
-    nb = _nb()
     T, B, I = x.shape
     H = h0.shape[-1]
     dt = x.dtype
@@ -171,7 +175,7 @@ def _forward_inference(
     loop = _Loop(route, weight_ih, weight_hh, B, stepwise=False) if route.kind != "steps" else None
     product = _recurrent_product(route, weight_hh, B) if loop is None else None
     project = _input_product(route, weight_ih)
-    fused = nb.gates_infer_parallel if route.parallel else nb.gates_infer_serial
+    fused = _pool().fused_gates("infer", route.parallel)
     gh = np.empty((B, 3 * H), dt)
     order = list(time_steps(T, reverse))
     for c0 in range(0, T, chunk):
@@ -244,7 +248,7 @@ def backward(
     elif route.kind == "loop":
         nb.backward_loop(blas.SGEMM, blas.SGEMV, d_output, hs, dgh, da_n, m2, reverse, whh, dh, route.parallel)
     else:
-        fused = nb.gates_backward_parallel if route.parallel else nb.gates_backward_serial
+        fused = _pool().fused_gates("backward", route.parallel)
         # Also for one stream: d W_hh reads W_hh's rows in order (faster than a transposed copy).
         for t in time_steps(T, reverse, backward=True):
             fused(d_output[t], h_in[t], dgh[t], da_n[t], m2[t], dh)

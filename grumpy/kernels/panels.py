@@ -36,6 +36,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from grumpy.kernels.nb import _named
+from grumpy.kernels.pool import f32_at
 
 PANEL = 64  # weight rows per panel: four 16-lane vectors
 _ROWS = 4  # rows of a in flight
@@ -289,16 +290,6 @@ products_bf16_parallel = njit(cache=True, parallel=True)(_named(_products_bf16, 
 
 
 
-def _address_typer(typingctx: Any, addr: Any) -> Any:
-    """A float32 pointer from an integer address: a job's record carries its arrays' addresses."""
-    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> Any:
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
-
-    return types.CPointer(types.float32)(types.int64), codegen
-
-
-_f32_at: Any = intrinsic(_address_typer)
-
 # A job's record (int64): the addresses and sizes of wp (P, K, 64), a (N, K) with lda
 # floats a row, out (N, R) with ldo, and the job's tiles [t0, t1).
 _FIELDS = ("wp", "P", "K", "a", "lda", "N", "out", "ldo", "R", "t0", "t1")
@@ -308,9 +299,9 @@ def _run_job(record):
     """Tiles t0 .. t1 - 1 of :func:`_products`, from a record: a C function, so that the
     threads of NumPy's BLAS can run it (:func:`products`)."""
     wp_at, P, K, a_at, lda, N, out_at, ldo, R, t0, t1 = carray(record, len(_FIELDS), types.int64)  # type: ignore[call-overload]
-    wp = carray(_f32_at(wp_at), (P, K, PANEL))
-    a = carray(_f32_at(a_at), (N, lda))[:, :K]
-    out = carray(_f32_at(out_at), (N, ldo))[:, :R]
+    wp = carray(f32_at(wp_at), (P, K, PANEL))
+    a = carray(f32_at(a_at), (N, lda))[:, :K]
+    out = carray(f32_at(out_at), (N, ldo))[:, :R]
     blocks = _blocks(P, N)
     for t in range(t0, t1):
         n0, n1 = _rows_of(t % blocks, blocks, N)

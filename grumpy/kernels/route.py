@@ -21,8 +21,9 @@ steps     a Python loop over the steps: one matrix product and one compiled gate
           kernel per step (without MKL, batches of more than LOOP_MAX_MACS
           multiply-adds a step; with MKL, one stream at large H; and where
           NumPy's BLAS cannot be called from compiled code). The products are
-          grumpy's own on weights packed once (``panels``: AVX-512 and numba on
-          TBB) or else BLAS's
+          grumpy's own on weights packed once (``panels``: AVX-512), or else BLAS's;
+          its parallel work (products and gate kernels) runs on the threads of
+          NumPy's own BLAS (grumpy.kernels.pool)
 shared    inference only: each core takes a share of the batch's rows through
           the whole sequence, BLAS on one thread in each, no synchronisation per step
           (chosen with MKL; NumPy's OpenBLAS only when named)
@@ -48,10 +49,13 @@ _F32 = np.dtype(np.float32)
 
 ROUTES = ("numpy", "loop", "packed", "steps", "shared", "step")
 
-# Gate kernels use all cores from this many batch x hidden elements per step. Below it
-# numba's second worker loses: beside NumPy's OpenBLAS, whose threads spin for about
-# 100 ms after each call of its own, inference at H=1024, B=128 (2^17) ran at 28.6k
-# tokens/s against 39.1k on the calling thread; at B=256 (2^18) 50.0k against 48.4k.
+# Gate kernels use all cores from this many batch x hidden elements per step (on the
+# ``steps`` route as jobs on NumPy's BLAS threads, grumpy.kernels.pool). Measured on
+# numba's threads, beside NumPy's OpenBLAS, whose threads spin for about 100 ms after
+# each call of its own: inference at H=1024, B=128 (2^17) ran at 28.6k tokens/s against
+# 39.1k on the calling thread; at B=256 (2^18) 50.0k against 48.4k. On BLAS's threads
+# 2^17 measured 2-5% faster at H=1024; not taken, since the compiled loops' parallel
+# gate kernels (with MKL) still run on numba's threads.
 PARALLEL_MIN = 1 << 18
 # Without MKL's packed product the whole loop is compiled up to this many multiply-adds per
 # step (B * H * 3H), and for one stream at any size; above, each step's product is NumPy's
