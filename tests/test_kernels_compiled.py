@@ -368,6 +368,45 @@ def test_panel_products_run_on_the_threads_numpys_blas_would_use(threads):
             np.testing.assert_array_equal(out, want)  # a tile missed would be NaN
 
 
+@pytest.mark.parametrize("kind", ["forward", "infer", "backward"])
+@pytest.mark.parametrize("B", [2, 3, 5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gate_kernels_on_the_blas_threads_equal_the_serial_kernel(kind, B, masked):
+    """grumpy.kernels.pool: the steps route's parallel gate kernels as jobs on NumPy's BLAS
+    threads, a block of rows each, under 2 and 3 threads (more than the rows at B = 2):
+    bit for bit the serial kernel, every row written."""
+    from threadpoolctl import threadpool_limits
+
+    from grumpy.kernels import blas, nb
+    from grumpy.kernels import pool as P
+
+    if not blas.POOL:
+        pytest.skip("NumPy's BLAS lends no threads here (not a pthreads OpenBLAS, or MKL loaded)")
+    H = 7
+    f = np.float32
+
+    def arrays():
+        r = np.random.default_rng(B + 1)
+        m = (np.arange(B) % 2).astype(f) if masked else np.empty(0, f)
+        big, small = (lambda: r.standard_normal((B, 3 * H)).astype(f)), (lambda: r.standard_normal((B, H)).astype(f))
+        bias = lambda: r.standard_normal(3 * H).astype(f)  # noqa: E731
+        if kind == "backward":  # do, hp, g (r, z, n in (0, 1)), hn, m, dh
+            return [small(), small(), np.abs(big()) % 1, small(), m, small()]
+        out = [big(), big(), bias(), bias(), small(), np.full((B, H), np.nan, f)]
+        return out + ([np.full((B, H), np.nan, f), m] if kind == "forward" else [m])
+
+    want = arrays()
+    getattr(nb, f"gates_{kind}_serial")(*want)
+    run = P.fused_gates(kind, parallel=True)
+    for threads in (2, 3):
+        with threadpool_limits(threads, user_api="blas"):
+            got = arrays()
+            run(*got)
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(g, w)
+    assert not any(np.isnan(a).any() for a in want)
+
+
 def test_the_tbb_check_agrees_with_the_layer_numba_runs_on():
     """parallel_gates_ok() once imported numba's TBB module directly, which failed where
     numba itself loads libtbb and then runs on it: the check said no TBB, and the parallel

@@ -15,6 +15,7 @@ backward takes the route its forward took.
 ``nb``              the numba kernels they call (gates fused, time loops)
 ``blas``            matrix products: MKL (packed weights) when installed, else NumPy
 ``panels``          grumpy's own float32 products on weights packed once (AVX-512)
+``pool``            grumpy's parallel work as jobs on the threads of NumPy's own BLAS
 ``step``            one step for generation, and the ``step`` route
 ==================  ==========================================================
 """

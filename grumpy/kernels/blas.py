@@ -137,25 +137,37 @@ SGEMM: Any = NUMPY_BLAS.sgemm if NUMPY_BLAS is not None else None
 SGEMV: Any = NUMPY_BLAS.sgemv if NUMPY_BLAS is not None else None
 
 
+# Whether grumpy can run its own jobs on the threads of NumPy's BLAS (:func:`run_jobs`): an
+# OpenBLAS pthreads build exports ``gotoblas_pthread``. Not beside MKL, whose pool then
+# takes grumpy's products: two pools would spin side by side.
+POOL = MKL is None and NUMPY_BLAS is not None and None not in (NUMPY_BLAS.run_jobs, NUMPY_BLAS.get_threads)
+
+
 def pool_threads() -> int:
     """The threads NumPy's BLAS would run grumpy's jobs on now (:func:`run_jobs`): its current
     setting, which ``OPENBLAS_NUM_THREADS`` and threadpoolctl limit; 0 where it lends none
-    (another BLAS, an OpenMP build of OpenBLAS, ``GRUMPY_NUMBA=0``)."""
-    if NUMPY_BLAS is None or NUMPY_BLAS.run_jobs is None or NUMPY_BLAS.get_threads is None:
-        return 0
-    return int(NUMPY_BLAS.get_threads())
+    (another BLAS, an OpenMP build of OpenBLAS, MKL loaded, ``GRUMPY_NUMBA=0``)."""
+    return int(NUMPY_BLAS.get_threads()) if POOL and NUMPY_BLAS is not None else 0
 
 
-def run_jobs(job: int, records: np.ndarray) -> None:
-    """job(address of records[i]) for every row i, on the threads of NumPy's own BLAS (row 0
-    on the calling thread); returns when all are done. ``job`` is the address of a C
-    function taking one pointer (a numba cfunc), ``records`` a C-contiguous 2-d array with at
-    most :func:`pool_threads` rows. This is OpenBLAS's ``gotoblas_pthread``, its pthreads
-    server's way to run a plain function on its pool: the workers that run the caller's
-    own products then run grumpy's, and no second pool spins beside them."""
-    assert NUMPY_BLAS is not None and NUMPY_BLAS.run_jobs is not None
-    assert records.flags.c_contiguous and 0 < records.shape[0] <= max(1, pool_threads())
-    NUMPY_BLAS.run_jobs(records.shape[0], job, records.ctypes.data, records.strides[0])
+def run_jobs(job: int, fields: tuple[int, ...], n: int, total: int) -> None:
+    """Runs ``job`` n times at once on the threads of NumPy's own BLAS (the first on the
+    calling thread) and returns when all are done. ``job`` is the address of a C function
+    taking one pointer (a numba cfunc); job i gets a record of int64 numbers: ``fields``,
+    then its share [first, end) of range(total), in n even shares. n is at most
+    :func:`pool_threads` as the caller read it (OpenBLAS never drops a thread it made).
+
+    This is OpenBLAS's ``gotoblas_pthread``, its pthreads server's way to run a plain
+    function on its pool: the workers that run the caller's own products then run
+    grumpy's, and no second pool spins beside them."""
+    assert POOL and NUMPY_BLAS is not None and n >= 1
+    records = np.array([fields + (total * i // n, total * (i + 1) // n) for i in range(n)], np.int64)
+    NUMPY_BLAS.run_jobs(n, job, records.ctypes.data, records.strides[0])
+
+
+def address(a: np.ndarray) -> int:
+    """The address of a's first element, for a job's record (cheaper than ``a.ctypes.data``)."""
+    return int(a.__array_interface__["data"][0])
 
 
 # Products of fewer multiply-adds than this go to NumPy: OpenBLAS's threshold for

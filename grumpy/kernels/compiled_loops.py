@@ -237,7 +237,7 @@ def backward(
     # The gradients overwrite the gates and hn: dgh = [da_r, da_z, r ⊙ da_n] (the hidden
     # side), da_n. In place saves 4·T·B·H floats and a stream of memory per step.
     dgh, da_n = (gates, hn_all) if consume else (gates.copy(), hn_all.copy())
-    dh = np.zeros((B, H), dt) if d_h_last is None else np.array(d_h_last, dt)
+    dh = np.zeros((B, H), dt) if d_h_last is None else np.array(d_h_last, dt, order="C")
     m2 = mask2(mask, T, dt)
     d_output = np.ascontiguousarray(d_output, dt)
     whh = np.ascontiguousarray(weight_hh)

@@ -282,7 +282,8 @@ def _step(x, h, w_ih, w_hh, b_ih, b_hh, out):
     """One step for one stream: x (I,), h (H,) -> out (H,). Matrix-vector products
     row by row (contiguous, vectorised), the gates fused in the same pass. An input
     that is mostly zeros (a one-hot character) reads only its nonzero columns of W_ih:
-    at H=256 that is 200 KB less a step, and W_hh (768 KB) then stays in L2."""
+    at H=256 that is 200 KB less a step, and W_hh (768 KB) then stays in L2. (So an
+    infinite or NaN weight facing a zero input does not make the output NaN here.)"""
     H = h.shape[0]
     I = x.shape[0]
     nz = np.empty(I, np.int64)

@@ -27,6 +27,7 @@ Imported lazily, like the other compiled kernels.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -289,9 +290,8 @@ products_bf16_serial = njit(cache=True)(_named(_products_bf16, "_serial"))
 products_bf16_parallel = njit(cache=True, parallel=True)(_named(_products_bf16, "_parallel"))
 
 
-
 # A job's record (int64): the addresses and sizes of wp (P, K, 64), a (N, K) with lda
-# floats a row, out (N, R) with ldo, and the job's tiles [t0, t1).
+# floats a row, out (N, R) with ldo, and the job's tiles [t0, t1) (blas.run_jobs).
 _FIELDS = ("wp", "P", "K", "a", "lda", "N", "out", "ldo", "R", "t0", "t1")
 
 
@@ -308,31 +308,34 @@ def _run_job(record):
         _tile(wp, a, out, t // blocks, n0, n1)
 
 
-_job: Any = cfunc(types.void(types.voidptr), cache=True)(_run_job)
+@functools.cache
+def _job() -> int:
+    """The address of :func:`_run_job` compiled as a C function (on first use, not on import)."""
+    address: Any = cfunc(types.void(types.voidptr), cache=True)(_run_job).address
+    return int(address)
 
 
 def products(wp: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
     """out (N, R) = a (N, K) W^T, W packed by :func:`pack`, on every thread NumPy's BLAS
     would use now, and on that library's own threads (:func:`grumpy.kernels.blas.run_jobs`):
     the caller's NumPy products and these then share one pool, so neither waits for a core
-    while the other's threads spin (docs/benchmarks.md, "How grumpy is fast"). Where that
-    BLAS lends no threads, numba's (on TBB) or the calling thread. Rows of a and out must
-    be contiguous (unit column stride)."""
+    while the other's threads spin (docs/benchmarks.md, "The panels run on OpenBLAS's own
+    threads"). Where that BLAS lends no threads, numba's (on TBB) or the calling thread.
+    Rows of a and out must be contiguous (unit column stride)."""
     from grumpy.kernels import blas
     from grumpy.kernels.route import parallel_gates_ok
 
+    if a.strides[1] != 4 or out.strides[1] != 4 or not wp.flags.c_contiguous:
+        raise ValueError(f"panels.products: rows of a and out must be contiguous and wp C-contiguous "
+                         f"(strides {a.strides}, {out.strides})")
     P, K, _ = wp.shape
     N, R = out.shape
     tiles = P * _blocks(P, N)
     n = min(blas.pool_threads(), tiles)
-    if n > 1 and a.strides[1] == out.strides[1] == 4:
-        edges = np.arange(n + 1) * tiles // n
-        rec = np.empty((n, len(_FIELDS)), np.int64)
-        rec[:, :9] = (wp.ctypes.data, P, K, a.ctypes.data, a.strides[0] // 4, N, out.ctypes.data,
-                      out.strides[0] // 4, R)
-        rec[:, 9], rec[:, 10] = edges[:-1], edges[1:]
-        blas.run_jobs(_job.address, rec)
-    elif blas.pool_threads() == 0 and parallel_gates_ok():
+    if n > 1:
+        lda, ldo = (a.strides[0] // 4, out.strides[0] // 4) if N > 1 else (K, R)  # one row: any stride
+        blas.run_jobs(_job(), (blas.address(wp), P, K, blas.address(a), lda, N, blas.address(out), ldo, R), n, tiles)
+    elif not blas.POOL and parallel_gates_ok():
         products_parallel(wp, a, out)
     else:
         products_serial(wp, a, out)

@@ -15,6 +15,7 @@ are in :mod:`grumpy.kernels.panels`). Imported lazily, like the other compiled k
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -36,12 +37,12 @@ def _address_typer(typingctx: Any, addr: Any) -> Any:
 
 f32_at: Any = intrinsic(_address_typer)
 
-# The gate kernels' jobs. A record: kind, H, b0, b1, whether masked, then the addresses of
-# the kernel's arrays in its argument order (a batch's arrays C-contiguous (B, width), the
-# biases (3H,), the mask (B,)), with the job's rows [b0, b1).
+# The gate kernels' jobs. A record (blas.run_jobs): kind, H, whether masked, the addresses
+# of the kernel's arrays in its argument order (a batch's arrays C-contiguous (B, width),
+# the biases (3H,), the mask (B,)), then the job's rows [b0, b1).
 KINDS = ("forward", "infer", "backward")
-_HEAD = 5
 _ARRAYS = 8
+_B0 = 3 + _ARRAYS
 _WIDTHS = {  # each argument's width in units of H: 3 for (B, 3H), 1 for (B, H); -3 the biases, 0 the mask
     "forward": (3, 3, -3, -3, 1, 1, 1, 0),
     "infer": (3, 3, -3, -3, 1, 1, 0),
@@ -52,25 +53,24 @@ _WIDTHS = {  # each argument's width in units of H: 3 for (B, 3H), 1 for (B, H);
 @njit(inline="always")
 def _rows(r, i, width, b0, b1):
     """Rows [b0, b1) of the record's array i, C-contiguous (B, width)."""
-    return carray(f32_at(r[_HEAD + i] + 4 * b0 * width), (b1 - b0, width))
+    return carray(f32_at(r[3 + i] + 4 * b0 * width), (b1 - b0, width))
 
 
 @njit(inline="always")
 def _vector(r, i, n):
-    return carray(f32_at(r[_HEAD + i]), n)
+    return carray(f32_at(r[3 + i]), n)
 
 
 def _run_gates(record):
-    r = carray(record, _HEAD + _ARRAYS, types.int64)  # type: ignore[call-overload]
-    kind, H, b0, b1, masked = r[0], r[1], r[2], r[3], r[4]
+    r = carray(record, _B0 + 2, types.int64)  # type: ignore[call-overload]
+    kind, H, masked, b0, b1 = r[0], r[1], r[2], r[_B0], r[_B0 + 1]
     G = 3 * H
+    m_at = 4 if kind == 2 else 7 if kind == 0 else 6
+    m = carray(f32_at(r[3 + m_at] + 4 * b0), b1 - b0 if masked else 0)
     if kind == 2:
-        m = carray(f32_at(r[_HEAD + 4] + 4 * b0), b1 - b0 if masked else 0)
         nb.gates_backward_serial(_rows(r, 0, H, b0, b1), _rows(r, 1, H, b0, b1), _rows(r, 2, G, b0, b1),
                                  _rows(r, 3, H, b0, b1), m, _rows(r, 5, H, b0, b1))
         return
-    m_at = 7 if kind == 0 else 6
-    m = carray(f32_at(r[_HEAD + m_at] + 4 * b0), b1 - b0 if masked else 0)
     g, gh, bih, bhh = _rows(r, 0, G, b0, b1), _rows(r, 1, G, b0, b1), _vector(r, 2, G), _vector(r, 3, G)
     hp, ho = _rows(r, 4, H, b0, b1), _rows(r, 5, H, b0, b1)
     if kind == 0:
@@ -79,34 +79,33 @@ def _run_gates(record):
         nb.gates_infer_serial(g, gh, bih, bhh, hp, ho, m)
 
 
-_gates_job: Any = cfunc(types.void(types.voidptr), cache=True)(_run_gates)
+@functools.cache
+def _gates_job() -> int:
+    """The address of :func:`_run_gates` compiled as a C function (on first use)."""
+    address: Any = cfunc(types.void(types.voidptr), cache=True)(_run_gates).address
+    return int(address)
 
 
 def fused_gates(kind: str, parallel: bool) -> Callable[..., None]:
     """The gate kernel ``nb.gates_<kind>_*`` for the ``steps`` route: with ``parallel``, on
     every thread NumPy's BLAS would use now, as jobs on that library's threads, or where
     it lends none on numba's (TBB); else on the calling thread. Called with the kernel's
-    own arguments, each step."""
+    own arguments, each step; arrays that are not C-contiguous take the serial kernel."""
     serial = getattr(nb, f"gates_{kind}_serial")
     if not parallel:
         return serial
-    if blas.pool_threads() == 0:
+    if not blas.POOL:
         return getattr(nb, f"gates_{kind}_parallel")
-    code, widths = KINDS.index(kind), _WIDTHS[kind]
+    code, widths, job = KINDS.index(kind), _WIDTHS[kind], _gates_job()
+    lead, mask_at = widths.index(1), widths.index(0)
 
     def run(*arrays: np.ndarray) -> None:
-        n = blas.pool_threads()
-        B = arrays[widths.index(1)].shape[0]
-        if n <= 1 or B < 2 or not all(a.flags.c_contiguous for a in arrays):
+        B, H = arrays[lead].shape
+        n = min(blas.pool_threads(), B)
+        if n <= 1 or not all(a.flags.c_contiguous for a in arrays):
             serial(*arrays)
             return
-        n = min(n, B)
-        H = arrays[widths.index(1)].shape[1]
-        masked = arrays[widths.index(0)].shape[0] > 0
-        rec = np.zeros((n, _HEAD + _ARRAYS), np.int64)
-        edges = np.arange(n + 1) * B // n
-        rec[:, :_HEAD] = np.stack([np.full(n, code), np.full(n, H), edges[:-1], edges[1:], np.full(n, masked)], 1)
-        rec[:, _HEAD : _HEAD + len(arrays)] = [a.ctypes.data for a in arrays]
-        blas.run_jobs(_gates_job.address, rec)
+        addresses = tuple(blas.address(a) for a in arrays) + (0,) * (_ARRAYS - len(arrays))
+        blas.run_jobs(job, (code, H, int(arrays[mask_at].shape[0] > 0)) + addresses, n, B)
 
     return run

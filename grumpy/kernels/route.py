@@ -136,8 +136,7 @@ def panels_ok() -> bool:
     the products can run on NumPy's BLAS's own threads (one pool with the caller's
     products) or else on TBB's (whose workers sleep when idle; see :func:`parallel_gates_ok`)."""
     k = compiled_kernels("panels")
-    return k is not None and k.available() and (blas.NUMPY_BLAS is not None and blas.NUMPY_BLAS.run_jobs is not None
-                                                 or parallel_gates_ok())
+    return k is not None and k.available() and (blas.POOL or parallel_gates_ok())
 
 
 def use_compiled(dtype: np.dtype, reset_after: bool) -> bool:
@@ -181,7 +180,6 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
         return Route("numpy")
     if not grad and T == 1 and B == 1:  # one step of one stream: the loops' set-up would dominate
         return _STEP
-    parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
     n_shares = min(blas.cores(), B // SHARE_MIN_ROWS)
     # Shares only with MKL: NumPy's OpenBLAS sets its thread count for the whole process
     # (blas.one_thread), and its shares measured slower than ``steps`` at 6 of 8 sizes.
@@ -191,13 +189,13 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
     # With the opt-in MKL, packing pays for any batch; for one stream only inside the compiled
     # loop (a step that reads the whole W_hh once for a matrix-vector product gains nothing).
     if blas.MKL is not None and (B > 1 or (whole_loop and H >= PACKED_MIN_H)):
-        return Route("packed", parallel)
+        return Route("packed", _parallel("packed", B, H))
     # One stream (without MKL): the compiled loop at any H, its products NumPy's own sgemv.
     # Larger batches' products from Python: NumPy's own call measured faster than the same
     # library's sgemm called from the compiled loop.
     if blas.SGEMM is not None and (whole_loop or (B == 1 and blas.MKL is None)):
         return Route("loop")
-    return Route("steps", parallel, panels=_panels(B, H))
+    return Route("steps", _parallel("steps", B, H), panels=_panels(B, H))
 
 
 def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: bool) -> Route:
@@ -218,8 +216,14 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
         return Route("shared", shares=_even_shares(B, max(1, min(blas.cores(), B))))
     if kind == "step":
         return _STEP
-    parallel = B * H >= PARALLEL_MIN and parallel_gates_ok()
-    return Route(kind, parallel, panels=kind == "steps" and _panels(B, H))
+    return Route(kind, _parallel(kind, B, H), panels=kind == "steps" and _panels(B, H))
+
+
+def _parallel(kind: str, B: int, H: int) -> bool:
+    """Whether the gate kernels use all cores: from PARALLEL_MIN elements a step, on numba's
+    threads where they run on TBB (:func:`parallel_gates_ok`), and for the ``steps``
+    route also where NumPy's BLAS lends its threads (grumpy.kernels.pool)."""
+    return B * H >= PARALLEL_MIN and (parallel_gates_ok() or (kind == "steps" and blas.POOL))
 
 
 def _panels(B: int, H: int) -> bool:

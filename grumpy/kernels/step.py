@@ -22,7 +22,8 @@ def gru_step(
 ) -> np.ndarray:
     """One GRU step: x (I,) or (B, I), h (H,) or (B, H) -> the new state, shaped like h.
 
-    A single float32 stream (x 1-d) runs one compiled pass (:func:`step_into`);
+    A single float32 stream (x 1-d) runs one compiled pass (:func:`step_into`), which
+    below ``STEP_BLAS_MIN`` skips the zeros of a mostly-zero x (a one-hot character);
     anything else goes through the reference :func:`grumpy.cell.gru_cell_forward`.
     """
     x = np.asarray(x)
@@ -71,8 +72,9 @@ class GRUStep:
     h (H,), gives the new state (H,), the same function as :func:`gru_step`.
 
     For float32 below ``STEP_BLAS_MIN`` it keeps transposed copies of the weights for
-    the compiled step (long contiguous loops instead of row dot products), so it is a
-    snapshot of the weights then: build a new one after they change. Other inputs go
+    the compiled step (long contiguous loops instead of row dot products, skipping the
+    rows that zeros of x and h select), so it is a snapshot of the weights then: build a
+    new one after they change. Other inputs go
     to :func:`gru_step` with the weights as they are at the call.
     """
 
