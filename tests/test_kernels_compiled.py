@@ -407,6 +407,22 @@ def test_gate_kernels_on_the_blas_threads_equal_the_serial_kernel(kind, B, maske
     assert not any(np.isnan(a).any() for a in want)
 
 
+def test_the_steps_routes_gate_kernels_go_parallel_on_the_pool_from_its_threshold():
+    """Where NumPy's BLAS lends its threads, the steps route's gate kernels use them from
+    route.PARALLEL_MIN_POOL batch x hidden elements a step, with or without TBB."""
+    from grumpy.kernels import blas
+
+    if not blas.POOL:
+        pytest.skip("NumPy's BLAS lends no threads here")
+    R = K.route
+    H = 1024
+    B = R.PARALLEL_MIN_POOL // H
+    for grad in (True, False):
+        at, below = (R.choose(np.dtype(np.float32), True, b, H, grad=grad) for b in (B, B - 1))
+        assert at.kind == below.kind == "steps"
+        assert at.parallel and not below.parallel
+
+
 def test_the_tbb_check_agrees_with_the_layer_numba_runs_on():
     """parallel_gates_ok() once imported numba's TBB module directly, which failed where
     numba itself loads libtbb and then runs on it: the check said no TBB, and the parallel

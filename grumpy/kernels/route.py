@@ -49,14 +49,15 @@ _F32 = np.dtype(np.float32)
 
 ROUTES = ("numpy", "loop", "packed", "steps", "shared", "step")
 
-# Gate kernels use all cores from this many batch x hidden elements per step (on the
-# ``steps`` route as jobs on NumPy's BLAS threads, grumpy.kernels.pool). Measured on
-# numba's threads, beside NumPy's OpenBLAS, whose threads spin for about 100 ms after
-# each call of its own: inference at H=1024, B=128 (2^17) ran at 28.6k tokens/s against
-# 39.1k on the calling thread; at B=256 (2^18) 50.0k against 48.4k. On BLAS's threads
-# 2^17 measured 2-5% faster at H=1024; not taken, since the compiled loops' parallel
-# gate kernels (with MKL) still run on numba's threads.
+# Gate kernels use all cores from this many batch x hidden elements per step, on numba's
+# threads (TBB). Measured beside NumPy's OpenBLAS, whose threads spin for about 100 ms
+# after each call of its own: inference at H=1024, B=128 (2^17) ran at 28.6k tokens/s
+# against 39.1k on the calling thread; at B=256 (2^18) 50.0k against 48.4k.
 PARALLEL_MIN = 1 << 18
+# The same on the ``steps`` route where its gate kernels run as jobs on NumPy's BLAS
+# threads (grumpy.kernels.pool), which wait for no other pool: training at H=1024,
+# B=128 ran 17.9k -> 18.8k tokens/s (medians of 3 alternated runs), inference level.
+PARALLEL_MIN_POOL = 1 << 17
 # Without MKL's packed product the whole loop is compiled up to this many multiply-adds per
 # step (B * H * 3H), and for one stream at any size; above, each step's product is NumPy's
 # (or MKL's) call from Python.
@@ -76,6 +77,7 @@ STEP_BLAS_MIN = 512
 # Reduced precision (grumpy.quantized): the compiled int8 / bfloat16 products and the
 # one-stream step use all cores from this many multiply-adds.
 QUANT_PARALLEL_MIN = 1 << 18
+PARALLEL_MIN_POOL = 1 << 17
 # Reduced precision with MKL: input products with rows shorter than this use MKL's float32
 # product on a float32 copy of the quantized values (at most 3H x 128 x 4 bytes), faster
 # there than its bfloat16 product, which suits long rows.
@@ -220,10 +222,13 @@ def _named(kind: str, dtype: np.dtype, reset_after: bool, B: int, H: int, grad: 
 
 
 def _parallel(kind: str, B: int, H: int) -> bool:
-    """Whether the gate kernels use all cores: from PARALLEL_MIN elements a step, on numba's
-    threads where they run on TBB (:func:`parallel_gates_ok`), and for the ``steps``
-    route also where NumPy's BLAS lends its threads (grumpy.kernels.pool)."""
-    return B * H >= PARALLEL_MIN and (parallel_gates_ok() or (kind == "steps" and blas.POOL))
+    """Whether the gate kernels use all cores: on the ``steps`` route, where NumPy's BLAS
+    lends its threads (grumpy.kernels.pool), from PARALLEL_MIN_POOL elements a step;
+    otherwise from PARALLEL_MIN, on numba's threads where they run on TBB
+    (:func:`parallel_gates_ok`)."""
+    if kind == "steps" and blas.POOL:
+        return B * H >= PARALLEL_MIN_POOL
+    return B * H >= PARALLEL_MIN and parallel_gates_ok()
 
 
 def _panels(B: int, H: int) -> bool:
