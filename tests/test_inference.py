@@ -44,6 +44,7 @@ ROUTES = {
     "steps-parallel": K.Route("steps", parallel=True, chunk_bytes=SMALL_CHUNKS),  # gate kernels on all cores
     "steps-panels": K.Route("steps", panels=True, chunk_bytes=SMALL_CHUNKS),  # products on packed weights
     "shared": K.Route("shared", shares=((0, 1), (1, 3))),  # the batch's rows shared among threads, unevenly
+    "shared-pool": K.Route("shared", panels=True, chunk_bytes=SMALL_CHUNKS),  # shares on NumPy's BLAS threads
     "step": K.Route("step"),  # the generation step at every step
 }
 
@@ -59,6 +60,8 @@ def test_inference_matches_training_forward(monkeypatch, dtype, reset_after, bid
     route = ROUTES[branch] if K.use_compiled(dtype, reset_after) else None  # else the NumPy route only
     if route is not None and route.kind == "packed" and _blas.MKL is None:
         pytest.skip("the route needs MKL")
+    if branch == "shared-pool":
+        _pool_shares_or_skip()
     if branch == "steps-no-mkl":
         monkeypatch.setattr(_blas, "MKL", None)
     rng = np.random.default_rng(0)
@@ -72,6 +75,50 @@ def test_inference_matches_training_forward(monkeypatch, dtype, reset_after, bid
     gru.route = route
     got = gru.forward(x, h0, lengths=lengths, grad=False)
     assert_same(want, got, dtype)
+
+
+def _pool_shares_or_skip():
+    from grumpy.kernels import blas
+    from grumpy.kernels.route import panels_ok
+
+    if not (blas.POOL and panels_ok()):
+        pytest.skip("needs NumPy's BLAS to lend its threads and the panel kernels (AVX-512)")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_shared_route_on_the_pool_matches_the_reference(threads, reverse, masked):
+    """The shared route on NumPy's BLAS threads (grumpy.kernels.pool.shared_steps): blocks
+    of rows (10 and 6 of them at B = 20, not multiples of the kernel's four) through runs
+    of 3 steps, against the NumPy route in float32 and the reference cell in float64."""
+    from threadpoolctl import threadpool_limits
+
+    from grumpy.cell import gru_cell_forward
+
+    _pool_shares_or_skip()
+    rng = np.random.default_rng(threads)
+    T, B, I, H = 10, 20, 5, 24
+    f = np.float32
+    x = rng.standard_normal((T, B, I)).astype(f)
+    h0 = rng.standard_normal((B, H)).astype(f)
+    w = [(rng.standard_normal(s) / np.sqrt(s[-1])).astype(f) for s in ((3 * H, I), (3 * H, H))]
+    b = [rng.standard_normal(3 * H).astype(f) for _ in range(2)]
+    lengths = rng.integers(1, T + 1, B)
+    mask = (np.arange(T)[:, None] < lengths[None]).astype(f)[..., None] if masked else None
+    route = K.Route("shared", panels=True, chunk_bytes=3 * B * 3 * H * 4)
+    with threadpool_limits(threads, user_api="blas"):
+        out, h_last, cache = K.gru_sequence_forward(x, h0, *w, *b, reverse=reverse, mask=mask, keep_cache=False,
+                                                    route=route)
+    assert cache is None
+    want_out, want_h, _ = K.gru_sequence_forward(x, h0, *w, *b, reverse=reverse, mask=mask, route=K.Route("numpy"))
+    np.testing.assert_allclose(out, want_out, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(h_last, want_h, rtol=2e-6, atol=2e-6)
+    h = h0.astype(np.float64)  # and the reference cell, step by step, in float64
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h_new, _ = gru_cell_forward(x[t].astype(np.float64), h, *(a.astype(np.float64) for a in w + b))
+        h = h + (mask[t] * (h_new - h) if masked else h_new - h)
+    np.testing.assert_allclose(h_last, h, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B", [1, 4])

@@ -123,7 +123,8 @@ def forward(
 ) -> tuple[np.ndarray, np.ndarray, SeqCache | None]:
     """See :func:`grumpy.kernels.gru_sequence_forward`."""
     if route.kind == "shared":
-        return _forward_shared(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
+        shared = _forward_shared_pool if route.panels else _forward_shared
+        return shared(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
     if not keep_cache:
         return _forward_inference(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
     T, B, _ = x.shape
@@ -218,6 +219,37 @@ def _forward_shared(
         loop(x, np.empty((1, b1 - b0, 3 * H), dt), bih, bhh, hs, no_hn, m2, reverse, b0, b1)
 
     blas.run_each([partial(share, b0, b1) for b0, b1 in route.shares])
+    out, h_last = outputs(hs, mask, reverse)
+    return out, h_last, None
+
+
+def _forward_shared_pool(
+    route: Route, x: np.ndarray, h0: np.ndarray, weight_ih: np.ndarray, weight_hh: np.ndarray,
+    bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, None]:
+    """Inference with the batch's rows shared among the threads of NumPy's BLAS
+    (:func:`grumpy.kernels.pool.shared_steps`): per chunk of steps one input product
+    (BLAS's), then each thread takes its rows through the chunk's steps, the products
+    grumpy's own on W_hh packed once, with no synchronisation per step."""
+    k = compiled_kernels("panels")
+    assert k is not None, "route.panels was chosen without the panel kernels"
+    T, B, I = x.shape
+    H = h0.shape[-1]
+    dt = x.dtype
+    wp = k.pack(np.ascontiguousarray(weight_hh))
+    chunk = max(1, min(T, route.chunk_bytes // (B * 3 * H * dt.itemsize)))
+    gbuf = np.empty((chunk, B, 3 * H), dt)
+    hs = new_states(np.ascontiguousarray(h0), T, reverse)
+    bih, bhh = (np.ascontiguousarray(b) for b in biases(bias_ih, bias_hh, H, dt))
+    m2 = mask2(mask, T, dt)
+    gh = np.empty((B, 3 * H), dt)
+    order = list(time_steps(T, reverse))
+    for c0 in range(0, T, chunk):
+        ts = order[c0 : c0 + chunk]
+        lo, n = min(ts), len(ts)
+        g = gbuf[:n]
+        matmul(x[lo : lo + n].reshape(n * B, I), weight_ih.T, g.reshape(n * B, 3 * H))
+        _pool().shared_steps(wp, g, bih, bhh, hs, m2, lo, reverse, gh)
     out, h_last = outputs(hs, mask, reverse)
     return out, h_last, None
 

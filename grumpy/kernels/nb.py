@@ -386,6 +386,16 @@ def step_transposed(x, h, wih_t, whh_t, b_ih, b_hh, acc, out):
         out[j] = blend(z, n, h[j], _ONE)
 
 
+def _address_typer(typingctx, addr):
+    """A float32 pointer from an integer address: a job's record carries its arrays' addresses."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(nbtypes.CPointer(nbtypes.float32)))
+
+    return nbtypes.CPointer(nbtypes.float32)(nbtypes.int64), codegen
+
+
+f32_at: Any = intrinsic(_address_typer)
+
 # e^x for float32. NumPy's float32 exp runs at about 4 ns an element on an AVX2 CPU
 # without AVX-512 (docs/benchmarks.md) and was most of the loss's time; this one
 # vectorises. x = k ln2 + r with |r| <= ln2/2 (Cody and Waite's two-part ln2, so k ln2

@@ -36,8 +36,7 @@ from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from grumpy.kernels.nb import _named
-from grumpy.kernels.pool import f32_at
+from grumpy.kernels.nb import _named, f32_at
 
 PANEL = 64  # weight rows per panel: four 16-lane vectors
 _ROWS = 4  # rows of a in flight

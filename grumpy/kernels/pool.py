@@ -9,8 +9,9 @@ job at once (docs/benchmarks.md, "The panels run on OpenBLAS's own threads").
 
 A job is a numba ``cfunc`` taking the address of one record, a row of int64 numbers:
 the arrays' addresses and sizes, and the job's share of the work. Here: the fused gate
-kernels of :mod:`grumpy.kernels.nb` on a block of the batch's rows (the products' jobs
-are in :mod:`grumpy.kernels.panels`). Imported lazily, like the other compiled kernels.
+kernels of :mod:`grumpy.kernels.nb` on a block of the batch's rows, and the ``shared``
+route's inference, each thread a block of rows through a run of steps (the products'
+jobs are in :mod:`grumpy.kernels.panels`). Imported lazily, like the other compiled kernels.
 """
 
 from __future__ import annotations
@@ -20,22 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from llvmlite import ir
 from numba import carray, cfunc, njit, types
-from numba.extending import intrinsic
 
-from grumpy.kernels import blas, nb
-
-
-def _address_typer(typingctx: Any, addr: Any) -> Any:
-    """A float32 pointer from an integer address: a job's record carries its arrays' addresses."""
-    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> Any:
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
-
-    return types.CPointer(types.float32)(types.int64), codegen
-
-
-f32_at: Any = intrinsic(_address_typer)
+from grumpy.kernels import blas, nb, panels
+from grumpy.kernels.nb import f32_at
 
 # The gate kernels' jobs. A record (blas.run_jobs): kind, H, whether masked, the addresses
 # of the kernel's arrays in its argument order (a batch's arrays C-contiguous (B, width),
@@ -109,3 +98,53 @@ def fused_gates(kind: str, parallel: bool) -> Callable[..., None]:
         blas.run_jobs(job, (code, H, int(arrays[mask_at].shape[0] > 0)) + addresses, n, B)
 
     return run
+
+
+# The shared route's inference on the pool: each job takes a block of the batch's rows
+# through a run of steps, its products grumpy's own (panels) on W_hh packed once, with
+# no synchronisation per step (the rows of a GRU batch never meet). A record: wp, P, H,
+# g (n, B, 3H) the run's input projections, n, B, b_ih, b_hh, hs (T + 1, B, H), T, m2
+# (T, B) or none, lo (the run's first step), reverse, gh (B, 3H) scratch, then [b0, b1).
+_SHARE = 15
+
+
+@njit(inline="always")
+def _at(addr, shape):
+    return carray(f32_at(addr), shape)
+
+
+def _run_share(record):
+    r = carray(record, _SHARE + 2, types.int64)  # type: ignore[call-overload]
+    P, H, n, B, T, lo, reverse, b0, b1 = r[1], r[2], r[4], r[5], r[9], r[12], r[13], r[15], r[16]
+    wp, g, gh = _at(r[0], (P, H, panels.PANEL)), _at(r[3], (n, B, 3 * H)), _at(r[14], (B, 3 * H))
+    bih, bhh, hs = _at(r[6], 3 * H), _at(r[7], 3 * H), _at(r[8], (T + 1, B, H))
+    m2 = _at(r[10], (T, B if r[11] else 0))
+    for s in range(n):
+        t = lo + (n - 1 - s if reverse else s)
+        ip, io = (t + 1, t) if reverse else (t, t + 1)
+        for p in range(P):
+            panels._tile(wp, hs[ip], gh, p, b0, b1)
+        nb.gates_infer_serial(g[t - lo, b0:b1], gh[b0:b1], bih, bhh, hs[ip, b0:b1], hs[io, b0:b1],
+                              m2[t, b0:b1])
+
+
+@functools.cache
+def _share_job() -> int:
+    """The address of :func:`_run_share` compiled as a C function (on first use)."""
+    address: Any = cfunc(types.void(types.voidptr), cache=True)(_run_share).address
+    return int(address)
+
+
+def shared_steps(wp: np.ndarray, g: np.ndarray, bih: np.ndarray, bhh: np.ndarray, hs: np.ndarray,
+                 m2: np.ndarray, lo: int, reverse: bool, gh: np.ndarray) -> None:
+    """Inference steps lo .. lo + n - 1 (in time order; run backwards with ``reverse``):
+    g (n, B, 3H) their input projections without b_ih, hs (T + 1, B, H) the states (those
+    entering the run already in place), m2 (T, B) the mask or (T, 0), wp W_hh packed by
+    :func:`grumpy.kernels.panels.pack`, gh (B, 3H) scratch; all C-contiguous float32. The
+    batch's rows are shared among the threads of NumPy's BLAS, at least 8 rows each."""
+    n, B, _ = g.shape
+    T, H = hs.shape[0] - 1, hs.shape[2]
+    jobs = max(1, min(blas.pool_threads(), B // 8))
+    fields = (blas.address(wp), wp.shape[0], H, blas.address(g), n, B, blas.address(bih), blas.address(bhh),
+              blas.address(hs), T, blas.address(m2), int(m2.shape[1] > 0), lo, int(reverse), blas.address(gh))
+    blas.run_jobs(_share_job(), fields, jobs, B)

@@ -154,7 +154,8 @@ class Route:
     rows (b0, b1) each core takes. ``chunk_bytes``: inference without a cache
     computes the input projections this many bytes' worth of steps at a time.
     ``panels``: for ``steps``, the forward's products are :mod:`grumpy.kernels.panels`'
-    on weights packed once per call, on all cores, instead of BLAS's."""
+    on weights packed once per call, on all cores, instead of BLAS's; for ``shared``, the
+    shares run on the threads of NumPy's BLAS with those products (grumpy.kernels.pool)."""
 
     kind: str
     parallel: bool = False
@@ -188,6 +189,11 @@ def choose(dtype: np.dtype, reset_after: bool, B: int, H: int, *, grad: bool, ki
     if not grad and blas.MKL is not None and n_shares >= 2:
         return Route("shared", shares=_even_shares(B, n_shares))
     whole_loop = B * H * 3 * H <= LOOP_MAX_MACS
+    # Inference of a batch below PANELS_MIN_H, where NumPy's BLAS lends its threads: each
+    # takes a share of the rows through the steps, grumpy's products on W_hh packed once
+    # (grumpy.kernels.pool.shared_steps), nothing synchronised per step.
+    if not grad and B > 1 and not whole_loop and H < PANELS_MIN_H and blas.POOL and panels_ok():
+        return Route("shared", panels=True)
     # With the opt-in MKL, packing pays for any batch; for one stream only inside the compiled
     # loop (a step that reads the whole W_hh once for a matrix-vector product gains nothing).
     if blas.MKL is not None and (B > 1 or (whole_loop and H >= PACKED_MIN_H)):
