@@ -25,8 +25,10 @@ steps     a Python loop over the steps: one matrix product and one compiled gate
           its parallel work (products and gate kernels) runs on the threads of
           NumPy's own BLAS (grumpy.kernels.pool)
 shared    inference only: each core takes a share of the batch's rows through
-          the whole sequence, BLAS on one thread in each, no synchronisation per step
-          (chosen with MKL; NumPy's OpenBLAS only when named)
+          the whole sequence, no synchronisation per step: with MKL, BLAS on one
+          thread in each; where NumPy's BLAS lends its threads (``panels``), as jobs on
+          them with grumpy's products, for H < PANELS_MIN_H (NumPy's OpenBLAS on
+          Python threads only when named)
 step      inference only, chosen for one step of one stream (T = 1, B = 1, every
           step valid: a user's generation loop calling ``forward``): the generation
           step :func:`grumpy.kernels.gru_step` at each step, none of the loops' set-up
