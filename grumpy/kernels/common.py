@@ -68,11 +68,13 @@ def scratch(workspace: dict[str, np.ndarray] | None, name: str, shape: tuple[int
 def biases(
     bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, H: int, dt: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(b_ih, b_hh), zeros (3H,) for a missing one: the compiled kernels always add both."""
-    if bias_ih is not None and bias_hh is not None:
-        return bias_ih, bias_hh
-    zeros = np.zeros(3 * H, dt)
-    return (bias_ih if bias_ih is not None else zeros), (bias_hh if bias_hh is not None else zeros)
+    """(b_ih, b_hh) contiguous, zeros (3H,) for a missing one: the compiled kernels always
+    add both, and their jobs on the BLAS's threads read them by address."""
+    if bias_ih is None or bias_hh is None:
+        zeros = np.zeros(3 * H, dt)
+        bias_ih = zeros if bias_ih is None else bias_ih
+        bias_hh = zeros if bias_hh is None else bias_hh
+    return np.ascontiguousarray(bias_ih), np.ascontiguousarray(bias_hh)
 
 
 def outputs(hs: np.ndarray, mask: np.ndarray | None, reverse: bool) -> tuple[np.ndarray, np.ndarray]:

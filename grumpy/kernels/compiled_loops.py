@@ -46,10 +46,15 @@ def transposed(w: np.ndarray) -> np.ndarray:
     return out
 
 
-def _panel_product(w: np.ndarray) -> Callable[[np.ndarray, np.ndarray], Any]:
-    """out (N, R) = a (N, K) w^T by grumpy.kernels.panels, w (R, K) packed now, once."""
+def _panels() -> Any:
     k = compiled_kernels("panels")
     assert k is not None, "route.panels was chosen without the panel kernels"
+    return k
+
+
+def _panel_product(w: np.ndarray) -> Callable[[np.ndarray, np.ndarray], Any]:
+    """out (N, R) = a (N, K) w^T by grumpy.kernels.panels, w (R, K) packed now, once."""
+    k = _panels()
     wp = k.pack(w)
     # rows of a must be contiguous for the kernel: a no-op for the states and a contiguous x
     return lambda a, out: k.products(wp, np.ascontiguousarray(a), out)
@@ -64,8 +69,9 @@ def linear(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.nd
 
 
 def _input_product(route: Route, weight_ih: np.ndarray) -> Callable[[np.ndarray, np.ndarray], Any]:
-    """gates (N, 3H) = x (N, I) W_ih^T, N = steps x batch: the route's product."""
-    if route.panels:
+    """gates (N, 3H) = x (N, I) W_ih^T, N = steps x batch: the route's product (the
+    ``shared`` route's input product is BLAS's, one per chunk)."""
+    if route.panels and route.kind == "steps":
         return _panel_product(weight_ih)
     return lambda x2, g2: matmul(x2, weight_ih.T, g2)
 
@@ -122,10 +128,9 @@ def forward(
     keep_cache: bool, workspace: dict[str, np.ndarray] | None,
 ) -> tuple[np.ndarray, np.ndarray, SeqCache | None]:
     """See :func:`grumpy.kernels.gru_sequence_forward`."""
-    if route.kind == "shared":
-        shared = _forward_shared_pool if route.panels else _forward_shared
-        return shared(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
-    if not keep_cache:
+    if route.kind == "shared" and not route.panels:
+        return _forward_shared(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
+    if not keep_cache or route.kind == "shared":  # the shared route on the pool keeps no cache either
         return _forward_inference(route, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, mask)
     T, B, _ = x.shape
     H = h0.shape[-1]
@@ -163,7 +168,11 @@ def _forward_inference(
     bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, None]:
     """The forward without a cache, input projections a chunk of steps at a time:
-    memory no longer grows as T * B * 3H, and the gate kernels keep only the state."""
+    memory no longer grows as T * B * 3H, and the gate kernels keep only the state. Each
+    chunk's steps run in the compiled loop, step by step from Python (``steps``), or, for
+    the ``shared`` route on the pool, as blocks of the batch's rows on the threads of
+    NumPy's BLAS (:func:`grumpy.kernels.pool.shared_steps`: grumpy's products on W_hh
+    packed once, nothing synchronised per step)."""
     T, B, I = x.shape
     H = h0.shape[-1]
     dt = x.dtype
@@ -173,8 +182,9 @@ def _forward_inference(
     bih, bhh = biases(bias_ih, bias_hh, H, dt)
     m2 = mask2(mask, T, dt)
     no_hn = np.empty((0, B, H), dt)  # tells the compiled loop to keep nothing
-    loop = _Loop(route, weight_ih, weight_hh, B, stepwise=False) if route.kind != "steps" else None
-    product = _recurrent_product(route, weight_hh, B) if loop is None else None
+    loop = _Loop(route, weight_ih, weight_hh, B, stepwise=False) if route.kind in ("loop", "packed") else None
+    product = _recurrent_product(route, weight_hh, B) if route.kind == "steps" else None
+    shared = _panels().pack(np.ascontiguousarray(weight_hh)) if route.kind == "shared" else None
     project = _input_product(route, weight_ih)
     fused = _pool().fused_gates("infer", route.parallel)
     gh = np.empty((B, 3 * H), dt)
@@ -186,6 +196,9 @@ def _forward_inference(
         project(x[lo : lo + n].reshape(n * B, I), g.reshape(n * B, 3 * H))
         if loop is not None:  # states lo .. lo + n: those entering and leaving this chunk's steps
             loop(_NO_X, g, bih, bhh, hs[lo : lo + n + 1], no_hn, m2[lo : lo + n], reverse, 0, B)
+            continue
+        if shared is not None:
+            _pool().shared_steps(shared, g, bih, bhh, hs, m2, lo, reverse, gh)
             continue
         assert product is not None
         for t in ts:
@@ -219,37 +232,6 @@ def _forward_shared(
         loop(x, np.empty((1, b1 - b0, 3 * H), dt), bih, bhh, hs, no_hn, m2, reverse, b0, b1)
 
     blas.run_each([partial(share, b0, b1) for b0, b1 in route.shares])
-    out, h_last = outputs(hs, mask, reverse)
-    return out, h_last, None
-
-
-def _forward_shared_pool(
-    route: Route, x: np.ndarray, h0: np.ndarray, weight_ih: np.ndarray, weight_hh: np.ndarray,
-    bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, reverse: bool, mask: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray, None]:
-    """Inference with the batch's rows shared among the threads of NumPy's BLAS
-    (:func:`grumpy.kernels.pool.shared_steps`): per chunk of steps one input product
-    (BLAS's), then each thread takes its rows through the chunk's steps, the products
-    grumpy's own on W_hh packed once, with no synchronisation per step."""
-    k = compiled_kernels("panels")
-    assert k is not None, "route.panels was chosen without the panel kernels"
-    T, B, I = x.shape
-    H = h0.shape[-1]
-    dt = x.dtype
-    wp = k.pack(np.ascontiguousarray(weight_hh))
-    chunk = max(1, min(T, route.chunk_bytes // (B * 3 * H * dt.itemsize)))
-    gbuf = np.empty((chunk, B, 3 * H), dt)
-    hs = new_states(np.ascontiguousarray(h0), T, reverse)
-    bih, bhh = (np.ascontiguousarray(b) for b in biases(bias_ih, bias_hh, H, dt))
-    m2 = mask2(mask, T, dt)
-    gh = np.empty((B, 3 * H), dt)
-    order = list(time_steps(T, reverse))
-    for c0 in range(0, T, chunk):
-        ts = order[c0 : c0 + chunk]
-        lo, n = min(ts), len(ts)
-        g = gbuf[:n]
-        matmul(x[lo : lo + n].reshape(n * B, I), weight_ih.T, g.reshape(n * B, 3 * H))
-        _pool().shared_steps(wp, g, bih, bhh, hs, m2, lo, reverse, gh)
     out, h_last = outputs(hs, mask, reverse)
     return out, h_last, None
 

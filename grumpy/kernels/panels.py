@@ -36,7 +36,9 @@ from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from grumpy.kernels import blas
 from grumpy.kernels.nb import _named, f32_at
+from grumpy.kernels.route import parallel_gates_ok
 
 PANEL = 64  # weight rows per panel: four 16-lane vectors
 _ROWS = 4  # rows of a in flight
@@ -321,9 +323,6 @@ def products(wp: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
     while the other's threads spin (docs/benchmarks.md, "The panels run on OpenBLAS's own
     threads"). Where that BLAS lends no threads, numba's (on TBB) or the calling thread.
     Rows of a and out must be contiguous (unit column stride)."""
-    from grumpy.kernels import blas
-    from grumpy.kernels.route import parallel_gates_ok
-
     if a.strides[1] != 4 or out.strides[1] != 4 or not wp.flags.c_contiguous:
         raise ValueError(f"panels.products: rows of a and out must be contiguous and wp C-contiguous "
                          f"(strides {a.strides}, {out.strides})")

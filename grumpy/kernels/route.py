@@ -79,7 +79,6 @@ STEP_BLAS_MIN = 512
 # Reduced precision (grumpy.quantized): the compiled int8 / bfloat16 products and the
 # one-stream step use all cores from this many multiply-adds.
 QUANT_PARALLEL_MIN = 1 << 18
-PARALLEL_MIN_POOL = 1 << 17
 # Reduced precision with MKL: input products with rows shorter than this use MKL's float32
 # product on a float32 copy of the quantized values (at most 3H x 128 x 4 bytes), faster
 # there than its bfloat16 product, which suits long rows.

@@ -74,8 +74,8 @@ class GRUStep:
     For float32 below ``STEP_BLAS_MIN`` it keeps transposed copies of the weights for
     the compiled step (long contiguous loops instead of row dot products, skipping the
     rows that zeros of x and h select), so it is a snapshot of the weights then: build a
-    new one after they change. Other inputs go
-    to :func:`gru_step` with the weights as they are at the call.
+    new one after they change. Other inputs go to :func:`gru_step` with the weights as
+    they are at the call.
     """
 
     def __init__(
